@@ -85,6 +85,11 @@ def delete_link(name: str) -> None:
     """Delete a link; ``FileNotFoundError`` (ENODEV) if it does not exist."""
 def list_links(prefix: str = "") -> list[Link]:
     """All links whose name starts with ``prefix``, in ifindex order."""
+def list_routes(family: int) -> list[tuple[str, int, int]]:
+    """``(destination, prefix_len, table)`` of every route in every table
+    (``AF_INET`` or ``AF_INET6``), local and policy tables included."""
+def list_addresses(family: int) -> list[tuple[str, int, str]]:
+    """``(address, prefix_len, ifname)`` of every address of ``family``."""
 
 # -- TAP devices ---------------------------------------------------------------
 

@@ -1,0 +1,34 @@
+// rtnetlink requests for links and addresses, in the calling thread's
+// network namespace. Each call opens its own NETLINK_ROUTE socket.
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace vmb {
+
+struct Link {
+  std::string name;
+  int index = 0;
+  std::string kind;  // IFLA_INFO_KIND, or "" when the link has none
+  int master = 0;    // ifindex of the bridge it is enslaved to, 0 if none
+  int mtu = 0;
+  std::string mac;  // lowercase "aa:bb:cc:dd:ee:ff"; "" without a link address
+  bool up = false;  // IFF_UP
+};
+
+// Creates a bridge (down); `mtu` 0 keeps the kernel default. Returns its ifindex.
+int create_bridge(const std::string& name, int mtu);
+void set_link_up(const std::string& name, bool up);
+// IPv4 or IPv6, chosen by the text; EEXIST if the address is already there.
+void add_address(const std::string& name, const std::string& address, int prefix_len);
+// Enslaves `name` to `master`; an empty `master` releases it.
+void set_master(const std::string& name, const std::string& master);
+void set_mtu(const std::string& name, int mtu);
+void set_mac(const std::string& name, const std::string& mac);
+// ENODEV if the link does not exist.
+void delete_link(const std::string& name);
+// Links whose name starts with `prefix`, in ifindex order.
+std::vector<Link> list_links(const std::string& prefix);
+
+}  // namespace vmb

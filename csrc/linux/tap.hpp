@@ -1,0 +1,47 @@
+// TAP devices from /dev/net/tun.
+#pragma once
+
+#include <cstddef>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "common/unique_fd.hpp"
+
+namespace vmb {
+
+constexpr std::size_t kVnetHdrLen = 12;  // sizeof(struct virtio_net_hdr_v1)
+constexpr int kMaxQueues = 16;
+
+// TUNSETOFFLOAD flags for a TAP with or without a vnet header. Offloads need
+// the header: without it the reader could not tell a GSO frame from a plain one.
+unsigned tap_offload_flags(bool vnet_hdr);
+
+class Tap {
+ public:
+  // `name` may be a template ("vmb%d"). With `netns` (a path such as
+  // /run/netns/NAME) the device is created inside that namespace. All fds
+  // are opened or none: on error, whatever was opened is closed again.
+  Tap(const std::string& name, bool vnet_hdr, int queues, const std::optional<std::string>& netns);
+
+  Tap(const Tap&) = delete;
+  Tap& operator=(const Tap&) = delete;
+
+  const std::string& name() const noexcept { return name_; }
+  bool vnet_hdr() const noexcept { return vnet_hdr_; }
+  // The queue fds, still owned here; empty once closed.
+  std::vector<int> fds() const;
+  // Closing the last fd removes the device. Idempotent.
+  void close() noexcept;
+
+ private:
+  void open_queues(const std::string& name, int queues);
+
+  std::string name_;
+  bool vnet_hdr_;
+  mutable std::mutex mutex_;  // close() may run without the GIL, beside fds()
+  std::vector<UniqueFd> fds_;
+};
+
+}  // namespace vmb

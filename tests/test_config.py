@@ -1,0 +1,120 @@
+"""Config parsing: upstream's keys, our extensions, and clear per-file errors."""
+
+import json
+import logging
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+
+from vmnet_broker import config
+from vmnet_broker.config import ConfigError, parse_network
+
+
+def test_builtins_are_shared_and_host_without_fixed_subnets():
+    nets = config.load_config_dir(None)
+    assert set(nets) == {"shared", "host"}
+    assert nets["shared"].mode == "shared" and nets["host"].mode == "host"
+    assert nets["shared"].subnet is None and nets["host"].subnet is None
+
+
+@pytest.mark.parametrize("subnet", ["192.168.42.0", "192.168.42.1"])
+def test_subnet_as_network_or_host_address_names_the_same_network(subnet):
+    cfg = parse_network("lab", {"mode": "host", "subnet": subnet, "mask": "255.255.255.0"})
+    assert cfg.subnet == IPv4Network("192.168.42.0/24")
+
+
+def test_upstream_keys_and_defaults():
+    cfg = parse_network("lab", {"description": "my lab", "mode": "shared", "subnet": "10.77.0.1", "mask": "255.255.0.0"})
+    assert cfg.description == "my lab" and cfg.subnet == IPv4Network("10.77.0.0/16")
+    assert cfg.mtu == 1500 and cfg.dhcp and cfg.dns and cfg.dns_domain == "lab.internal"
+
+
+def test_extension_keys():
+    cfg = parse_network(
+        "lab",
+        {
+            "subnet": "192.168.50.0", "mtu": 9000, "lease_time": 600,
+            "dhcp_range": ["192.168.50.100", "192.168.50.200"],
+            "reservations": [{"mac": "52:54:00:00:00:0A", "ip": "192.168.50.10", "hostname": "db"}],
+            "dns_servers": ["10.0.0.53", "fd00::53"], "domain": "lab.example",
+            "ipv6_prefix": "fd00:1:2:3::/64",
+            "port_forwards": [{"proto": "tcp", "host_port": 8022, "guest_ip": "192.168.50.10", "guest_port": 22}],
+            "external_interface": "eth1", "allowed_users": [0, "root"], "allowed_groups": ["root"],
+        },
+    )  # fmt: skip
+    assert cfg.mtu == 9000 and cfg.lease_time == 600
+    assert cfg.dhcp_range == (IPv4Address("192.168.50.100"), IPv4Address("192.168.50.200"))
+    assert cfg.reservations[0].mac == "52:54:00:00:00:0a" and cfg.reservations[0].hostname == "db"
+    assert cfg.ipv6 and str(cfg.ipv6_prefix) == "fd00:1:2:3::/64"
+    assert cfg.port_forwards[0].guest_port == 22 and cfg.external_interface == "eth1"
+    assert cfg.allowed_uids == {0} and cfg.allowed_gids == {0}
+
+
+def test_builtin_can_be_overridden_keeping_its_defaults():
+    cfg = parse_network("shared", {"subnet": "192.168.99.0"})
+    assert cfg.mode == "shared" and cfg.ipv6 and cfg.subnet == IPv4Network("192.168.99.0/24")
+
+
+@pytest.mark.parametrize(
+    "obj,needle",
+    [
+        ([], "JSON object"),
+        ({"mode": "bridged"}, "'mode'"),
+        ({"subnet": "192.168.1.300"}, "IPv4"),
+        ({"subnet": "192.168.1.0", "mask": "255.0.255.0"}, "netmask"),
+        ({"subnet": "192.168.1.5"}, "network address"),
+        ({"subnet": "8.8.8.0"}, "private"),
+        ({"subnet": "192.168.1.0", "mask": "255.255.255.254"}, "too small"),
+        ({"mask": "255.255.255.0"}, "'mask' needs 'subnet'"),
+        ({"mtu": 67}, "'mtu'"),
+        ({"mtu": 65536}, "'mtu'"),
+        ({"mtu": "1500"}, "'mtu'"),
+        ({"dhcp": "yes"}, "'dhcp'"),
+        ({"reservations": [{"mac": "52:54:00:00:00:01", "ip": "192.168.1.9"}]}, "fixed 'subnet'"),
+        ({"subnet": "192.168.1.0", "reservations": [{"mac": "x", "ip": "192.168.1.9"}]}, "mac"),
+        ({"subnet": "192.168.1.0", "reservations": [{"mac": "52:54:00:00:00:01", "ip": "192.168.2.9"}]}, "not a guest address"),
+        ({"subnet": "192.168.1.0", "dhcp_range": ["192.168.1.200", "192.168.1.100"]}, "comes after"),
+        ({"ipv6_prefix": "fd00::/48"}, "/64"),
+        ({"mode": "host", "subnet": "192.168.1.0", "port_forwards": []}, "mode 'shared'"),
+        ({"subnet": "192.168.1.0", "port_forwards": [{"proto": "sctp", "host_port": 1, "guest_ip": "192.168.1.2", "guest_port": 1}]}, "tcp or udp"),
+        ({"allowed_users": ["no-such-user-xyz"]}, "no user"),
+        ({"allowed_groups": [-1]}, "group"),
+        ({"external_interface": "a-name-that-is-too-long"}, "interface"),
+        ({"colour": "blue"}, "unknown key"),
+    ],
+)  # fmt: skip
+def test_invalid_config_says_which_key_and_why(obj, needle):
+    with pytest.raises(ConfigError, match=None) as info:
+        parse_network("lab", obj)
+    assert needle in str(info.value)
+
+
+def test_bad_file_is_reported_with_path_and_others_still_offered(tmp_path, caplog):
+    (tmp_path / "good.json").write_text(json.dumps({"mode": "host", "subnet": "192.168.60.1"}))
+    (tmp_path / "broken.json").write_text("{not json")
+    (tmp_path / "wrong.json").write_text(json.dumps({"mode": "bridged"}))
+    (tmp_path / "README.txt").write_text("ignored")
+    with caplog.at_level(logging.ERROR):
+        nets = config.load_config_dir(tmp_path)
+    assert set(nets) == {"shared", "host", "good"}
+    assert str(tmp_path / "broken.json") in caplog.text and str(tmp_path / "wrong.json") in caplog.text
+    assert "'mode'" in caplog.text
+
+
+def test_bad_override_of_a_builtin_withdraws_it(tmp_path):
+    (tmp_path / "host.json").write_text(json.dumps({"mtu": 1}))
+    assert "host" not in config.load_config_dir(tmp_path)
+
+
+def test_missing_config_dir_offers_builtins(tmp_path):
+    assert set(config.load_config_dir(tmp_path / "nope")) == {"shared", "host"}
+
+
+def test_access_control_root_always_and_lists_otherwise():
+    open_cfg = parse_network("a", {})
+    assert open_cfg.allows(1000, {1000})
+    cfg = parse_network("b", {"allowed_users": [1000], "allowed_groups": [2000]})
+    assert cfg.allows(0, {0})
+    assert cfg.allows(1000, {1000})
+    assert cfg.allows(1001, {2000, 1001})
+    assert not cfg.allows(1001, {1001})

@@ -1,0 +1,53 @@
+"""The interface every platform backend implements for the broker."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from ..config import NetworkConfig
+from ..protocol import Attach
+
+
+class NetworkHandle(Protocol):
+    config: NetworkConfig
+
+    def info(self) -> dict[str, Any]:
+        """The ``network`` object of an ``acquire`` reply."""
+
+
+class InterfaceHandle(Protocol):
+    name: str
+
+    def info(self) -> dict[str, Any]:
+        """The ``interface`` object of an ``attach`` reply."""
+
+    def fds(self) -> list[int]:
+        """The fds to hand to the client with the reply."""
+
+    def handed_over(self) -> None:
+        """The reply carrying ``fds()`` was sent (or dropped): close our copies."""
+
+
+class Backend(Protocol):
+    def cleanup_leftovers(self) -> None:
+        """Remove what an earlier, crashed broker left behind."""
+
+    def create_network(self, config: NetworkConfig) -> NetworkHandle:
+        """Create the network; raises ``CreateError`` (or OSError) on failure."""
+
+    def destroy_network(self, network: NetworkHandle) -> None:
+        """Remove the network; tolerates pieces that are already gone."""
+
+    def create_interface(self, network: NetworkHandle, request: Attach) -> InterfaceHandle: ...
+
+    def destroy_interface(self, interface: InterfaceHandle) -> None: ...
+
+    def close(self) -> None:
+        """Stop whatever the backend runs itself (after every network is gone)."""
+
+
+class CreateError(Exception):
+    """Creating a network or interface failed for a reason the user can act on.
+
+    The message goes to the client with code 6 (``CREATE_FAILURE``).
+    """

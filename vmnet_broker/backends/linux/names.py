@@ -1,0 +1,44 @@
+"""Names of everything the Linux backend creates, from one fixed prefix.
+
+The same helpers name new objects and recognise leftovers of a crashed broker,
+so anything the broker made can be found and removed.
+"""
+
+from __future__ import annotations
+
+import os
+
+PREFIX = "vmb-"
+BRIDGE = PREFIX + "br"  # vmb-br0, vmb-br1, ...
+TAP_TEMPLATE = PREFIX + "t%d"  # a VM's TAP, fd handed to the client
+DGRAM_TEMPLATE = PREFIX + "d%d"  # the broker's TAP behind a dgram attachment
+NFT_TABLE = "vmnet_broker"
+
+
+def is_ours(ifname: str) -> bool:
+    return ifname.startswith(PREFIX)
+
+
+def free_bridge_name(existing: set[str]) -> str:
+    """The lowest ``vmb-brN`` not in ``existing``."""
+    n = 0
+    while f"{BRIDGE}{n}" in existing:
+        n += 1
+    return f"{BRIDGE}{n}"
+
+
+def random_mac() -> str:
+    """A random locally administered unicast MAC address."""
+    octets = bytearray(os.urandom(6))
+    octets[0] = (octets[0] & 0xFC) | 0x02
+    return ":".join(f"{b:02x}" for b in octets)
+
+
+def host_side_mac(guest_mac: str) -> str:
+    """The TAP device's own MAC for a guest MAC, as libvirt does (``fe:`` first).
+
+    The TAP is the host's end of the cable; if it carried the guest's MAC, the
+    bridge would treat frames for the guest as its own.  ``fe`` also keeps the
+    bridge from adopting a port's MAC as its address.
+    """
+    return "fe" + guest_mac[2:]

@@ -1,0 +1,129 @@
+"""Command line: ``vmnet-broker serve | status | demo``.
+
+Results go to stdout, logs to stderr; logging is configured here only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from ._version import __version__
+from .broker import DEFAULT_IDLE_TIMEOUT
+from .client import DEFAULT_SOCKET, SOCKET_ENV, Client, default_socket_path
+from .config import DEFAULT_CONFIG_DIR
+from .errors import BrokerError
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vmnet-broker",
+        description="One shared service that owns virtual networks for VM launchers.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    from .daemon import DEFAULT_STATE_DIR
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the broker (as root, under systemd or by hand)",
+        description="Run the broker until SIGINT or SIGTERM; then remove every network it made.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    serve.add_argument("--socket", default=DEFAULT_SOCKET, help="Unix socket to listen on")
+    serve.add_argument(
+        "--config-dir", default=DEFAULT_CONFIG_DIR, help="directory of <network>.json files"
+    )
+    serve.add_argument(
+        "--state-dir", default=DEFAULT_STATE_DIR, help="where subnets, dnsmasq configs and leases live"
+    )
+    serve.add_argument(
+        "--idle-timeout",
+        type=_seconds,
+        default=DEFAULT_IDLE_TIMEOUT,
+        metavar="SECONDS",
+        help="remove a network this long after its last client left",
+    )
+    serve.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="log verbosity")
+
+    status = commands.add_parser(
+        "status",
+        help="show the broker's networks and clients",
+        description=f"Ask a running broker for its state (socket: --socket, ${SOCKET_ENV}, or {DEFAULT_SOCKET}).",
+    )
+    status.add_argument("--socket", default=None, help="broker socket")
+    status.add_argument("--json", action="store_true", help="print the raw status object as JSON")
+
+    commands.add_parser(
+        "demo",
+        help="start a broker and two guests in namespaces, ping, show status, clean up",
+        description="Needs root. Touches nothing outside the network namespaces it creates.",
+    )
+    return parser
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value <= 86400 * 365:
+        raise argparse.ArgumentTypeError("must be between 0 and one year")
+    return value
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        from .daemon import Options, serve
+
+        _setup_logging(args.log_level)
+        return serve(Options(args.socket, args.config_dir, args.state_dir, args.idle_timeout))
+    if args.command == "status":
+        return _status(args.socket, args.json)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        _setup_logging("warning")
+        return run_demo()
+    raise AssertionError(args.command)
+
+
+def _status(socket_path: str | None, as_json: bool) -> int:
+    try:
+        with Client(socket_path) as client:
+            status = client.status()
+    except BrokerError as e:
+        print(f"vmnet-broker status: {e} (code {e.code})", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps(status.raw, indent=2))
+        return 0
+    print(f"vmnet-broker {status.version} at {socket_path or default_socket_path()}: {status.peers} client(s)")
+    if not status.networks:
+        print("no networks")
+    for net in status.networks:
+        raw = net.raw
+        idle = "in use" if net.idle_expires_in is None else f"idle, removed in {net.idle_expires_in:.0f} s"
+        print(
+            f"{net.name:<12} {net.mode:<6} {net.subnet}/{raw.get('mask', '?')} "
+            f"bridge {raw.get('bridge', '?')}  {net.peers} peer(s), {net.interfaces} interface(s), {idle}"
+        )
+        for iface in raw.get("attachments", []):
+            print(f"  {iface['name']:<10} {iface['kind']:<5} {iface['mac']}  peer {iface['peer']}")
+    return 0

@@ -1,0 +1,114 @@
+"""The broker's lifecycle: set up, serve until a signal, clean up everything.
+
+Setup removes what a crashed broker left, then binds the socket (or adopts
+one from systemd socket activation), so a client that can connect is talking
+to a clean broker.  A signal only asks the loop to stop; cleanup runs every
+step in ``finally`` and reports the first error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import _native
+from .backends.linux import LinuxBackend
+from .broker import DEFAULT_IDLE_TIMEOUT, Broker
+from .client import DEFAULT_SOCKET
+from .config import DEFAULT_CONFIG_DIR, load_config_dir
+from .server import Server
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STATE_DIR = "/var/lib/vmnet-broker"
+SD_LISTEN_FDS_START = 3
+
+
+@dataclass
+class Options:
+    socket_path: str = DEFAULT_SOCKET
+    config_dir: str | None = DEFAULT_CONFIG_DIR
+    state_dir: str = DEFAULT_STATE_DIR
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+
+
+def _activated_listener() -> _native.Listener | None:
+    """The socket systemd passed us (``LISTEN_FDS``), if any."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    if int(os.environ.get("LISTEN_FDS", "0")) < 1:
+        return None
+    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(key, None)
+    return _native.Listener.from_fd(SD_LISTEN_FDS_START)
+
+
+def _notify(state: str) -> None:
+    """sd_notify(3) in a few lines: tell systemd we are ready or stopping."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(address)
+            s.sendall(state.encode())
+    except OSError as e:
+        log.debug("sd_notify failed: %s", e)
+
+
+def serve(options: Options) -> int:
+    """Run the broker until SIGINT or SIGTERM; 0 after a clean shutdown."""
+    return asyncio.run(_serve(options))
+
+
+async def _serve(options: Options) -> int:
+    loop = asyncio.get_running_loop()
+    started = time.monotonic()
+    log.info("vmnet-broker starting (pid %d)", os.getpid())
+
+    configs = load_config_dir(options.config_dir)
+    Path(options.state_dir).mkdir(parents=True, exist_ok=True)
+    backend = LinuxBackend(options.state_dir)
+    backend.cleanup_leftovers()
+
+    broker = Broker(backend, configs, options.idle_timeout, loop)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    server: Server | None = None
+    try:
+        listener = _activated_listener() or _native.Listener(options.socket_path)
+        server = Server(broker, listener, loop)
+        server.start()
+        log.info(
+            "ready in %.0f ms; networks: %s", (time.monotonic() - started) * 1000, ", ".join(sorted(configs))
+        )
+        _notify("READY=1")
+        await stop.wait()
+        log.info("signal received, shutting down")
+        _notify("STOPPING=1")
+    finally:
+        errors: list[BaseException] = []
+        if server is not None:
+            try:
+                server.close()
+            except Exception as e:
+                errors.append(e)
+        try:
+            broker.shutdown()
+        except Exception as e:
+            errors.append(e)
+        if errors:
+            log.error("cleanup failed: %s", errors[0])
+            raise errors[0]
+    log.info("vmnet-broker stopped (pid %d)", os.getpid())
+    return 0

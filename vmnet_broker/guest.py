@@ -1,0 +1,80 @@
+"""A VM stand-in: a network namespace whose ``eth0`` is an attachment's far end.
+
+The guest's ``eth0`` is a TAP device inside its own namespace; a native pump
+moves frames between that TAP and the fd the broker handed out (a TAP queue
+or a dgram socket) — the same path a VMM's virtio-net backend takes.  Used by
+the demo, the tests and the benchmarks; ``close()`` removes all of it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from typing import Any
+
+from . import _native
+from .client import Interface
+from .sandbox import Namespace, unique_name
+
+
+class Guest:
+    """A namespace "VM" on ``interface``; its MAC and MTU come from the reply."""
+
+    def __init__(self, interface: Interface, name: str | None = None) -> None:
+        self.interface = interface
+        self.namespace = Namespace(name or unique_name("vmbg"))
+        self._tap: Any = None  # _native.Tap in the guest namespace
+        self._pump: Any = None
+
+    @property
+    def name(self) -> str:
+        return self.namespace.name
+
+    @property
+    def mac(self) -> str:
+        return self.interface.mac
+
+    def start(self) -> Guest:
+        try:
+            self.namespace.create()
+            self._tap = _native.Tap("eth0", vnet_hdr=self.interface.vnet_hdr, netns=self.namespace.path)
+            self.namespace.ip(
+                "link", "set", "eth0", "address", self.mac, "mtu", str(self.interface.mtu), "up"
+            )
+            self._pump = _native.Pump(self.interface.fileno(), self._tap.fds()[0])
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def configure(self, address: str, gateway: str | None = None) -> None:
+        """A static address (``"192.168.105.10/24"``) and optional default route."""
+        self.namespace.ip("addr", "add", address, "dev", "eth0")
+        if gateway:
+            self.namespace.ip("route", "add", "default", "via", gateway)
+
+    def run(self, *cmd: str, timeout: float = 20, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.namespace.run(*cmd, timeout=timeout, check=check)
+
+    def ping(self, address: str, count: int = 1, timeout: float = 2, check: bool = False) -> bool:
+        """One or more pings; True if any got an answer."""
+        flag = "-6" if ":" in address else "-4"
+        cmd = ["ping", flag, "-n", "-q", "-c", str(count), "-W", str(timeout), address]
+        return self.run(*cmd, timeout=count * timeout + 10, check=check).returncode == 0
+
+    def stats(self) -> dict[str, int]:
+        return self._pump.stats() if self._pump else {}
+
+    def close(self) -> None:
+        if self._pump is not None:
+            self._pump.stop()
+            self._pump = None
+        if self._tap is not None:
+            self._tap.close()
+            self._tap = None
+        self.namespace.close()
+
+    def __enter__(self) -> Guest:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

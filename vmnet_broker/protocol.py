@@ -1,0 +1,194 @@
+"""The wire protocol: request validation and reply encoding (pure functions).
+
+Bytes come in, a validated request or a ``ProtocolError`` goes out.  Nothing
+here touches sockets or state, so every rule of PROTOCOL.md is checked by unit
+tests, and the broker can trust what it is handed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Union
+
+from .errors import Code
+
+MAX_MESSAGE = 65536
+MAX_QUEUES = 16
+KINDS = ("tap", "dgram")
+
+# JSON scalars an "id" may be; objects and arrays are refused.
+Scalar = Union[str, int, float, bool, None]
+
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+class ProtocolError(Exception):
+    """A request that must be refused with ``code``; ``str()`` says why."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        # Set once the request's "id" is known, so the error reply echoes it.
+        self.request_id: Scalar = None
+        self.has_id = False
+
+    def reply(self) -> bytes:
+        return encode_error(self.code, self.message, self.request_id, self.has_id)
+
+
+@dataclass(frozen=True)
+class Acquire:
+    network_name: str
+
+
+@dataclass(frozen=True)
+class Release:
+    network_name: str
+
+
+@dataclass(frozen=True)
+class Attach:
+    network_name: str
+    kind: str = "tap"
+    mac: str | None = None
+    vnet_hdr: bool = False
+    queues: int = 1
+
+
+@dataclass(frozen=True)
+class Detach:
+    interface: str
+
+
+@dataclass(frozen=True)
+class Status:
+    pass
+
+
+Command = Union[Acquire, Release, Attach, Detach, Status]
+
+
+@dataclass(frozen=True)
+class Request:
+    command: Command
+    id: Scalar = None
+    has_id: bool = False
+
+
+def _invalid(message: str) -> ProtocolError:
+    return ProtocolError(Code.INVALID_REQUEST, message)
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_request(data: bytes, truncated: bool = False) -> Request:
+    """Validate one packet; raises ``ProtocolError`` with code 4 if malformed."""
+    if truncated or len(data) > MAX_MESSAGE:
+        raise _invalid(f"request larger than {MAX_MESSAGE} bytes")
+    try:
+        obj = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise _invalid(f"request is not UTF-8 JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise _invalid(f"request must be a JSON object, not {type(obj).__name__}")
+
+    has_id = "id" in obj
+    request_id = obj.get("id")
+    if not isinstance(request_id, (str, int, float, bool, type(None))):
+        raise _invalid("'id' must be a JSON scalar")
+
+    try:
+        command = _parse_command(obj)
+    except ProtocolError as e:
+        e.request_id, e.has_id = request_id, has_id
+        raise
+    return Request(command, request_id, has_id)
+
+
+def _string(obj: dict[str, Any], key: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str):
+        if key not in obj:
+            raise _invalid(f"missing '{key}'")
+        raise _invalid(f"'{key}' must be a string")
+    if not value:
+        raise _invalid(f"'{key}' must not be empty")
+    return value
+
+
+def _parse_command(obj: dict[str, Any]) -> Command:
+    command = obj.get("command")
+    if not isinstance(command, str):
+        raise _invalid("missing 'command'" if "command" not in obj else "'command' must be a string")
+    if command == "acquire":
+        return Acquire(_string(obj, "network_name"))
+    if command == "release":
+        return Release(_string(obj, "network_name"))
+    if command == "detach":
+        return Detach(_string(obj, "interface"))
+    if command == "status":
+        return Status()
+    if command == "attach":
+        return _parse_attach(obj)
+    raise _invalid(f"unknown command {command!r}")
+
+
+def _parse_attach(obj: dict[str, Any]) -> Attach:
+    name = _string(obj, "network_name")
+
+    kind = obj.get("kind", "tap")
+    if kind not in KINDS:
+        raise _invalid(f"'kind' must be one of {', '.join(KINDS)}")
+
+    mac = obj.get("mac")
+    if mac is not None:
+        mac = normalize_mac(mac)
+
+    vnet_hdr = obj.get("vnet_hdr", False)
+    if not isinstance(vnet_hdr, bool):
+        raise _invalid("'vnet_hdr' must be true or false")
+
+    queues = obj.get("queues", 1)
+    # bool is an int in Python, never a queue count on the wire.
+    if not isinstance(queues, int) or isinstance(queues, bool):
+        raise _invalid("'queues' must be an integer")
+    if not 1 <= queues <= MAX_QUEUES:
+        raise _invalid(f"'queues' must be between 1 and {MAX_QUEUES}")
+    if queues > 1 and kind != "tap":
+        raise _invalid("'queues' > 1 needs kind 'tap'")
+
+    return Attach(name, kind, mac, vnet_hdr, queues)
+
+
+def normalize_mac(mac: object) -> str:
+    """Lower-case ``aa:bb:cc:dd:ee:ff`` of a unicast, non-zero MAC address."""
+    if not isinstance(mac, str) or not _MAC.match(mac.lower()):
+        raise _invalid("'mac' must look like 52:54:00:12:34:56")
+    mac = mac.lower()
+    if int(mac[:2], 16) & 1:
+        raise _invalid(f"'mac' {mac} is a multicast address")
+    if mac == "00:00:00:00:00:00":
+        raise _invalid("'mac' must not be all zeros")
+    return mac
+
+
+def encode_reply(body: dict[str, Any], request: Request | None = None) -> bytes:
+    """A success reply, echoing the request's ``id`` if it had one."""
+    reply = dict(body)
+    if request is not None and request.has_id:
+        reply["id"] = request.id
+    return json.dumps(reply, separators=(",", ":")).encode()
+
+
+def encode_error(code: int, message: str | None = None, request_id: Scalar = None, has_id: bool = False) -> bytes:
+    reply: dict[str, Any] = {"error": int(code)}
+    if message:
+        reply["message"] = message
+    if has_id:
+        reply["id"] = request_id
+    return json.dumps(reply, separators=(",", ":")).encode()

@@ -1,0 +1,144 @@
+"""The Linux transport: the native seqpacket listener on the asyncio loop.
+
+Each connection's fd is watched with ``add_reader``; every packet is handed to
+the broker, and the reply (with fds) goes back in request order.  A client
+that stops reading its replies is not read from either until it catches up,
+so one slow client costs the broker a bounded queue and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+
+from . import _native
+from .broker import Broker, Peer, Reply
+
+log = logging.getLogger(__name__)
+
+# Replies queued for a client that is not reading; past this we stop reading
+# its requests until the queue drains.
+MAX_QUEUED_REPLIES = 64
+# Packets handled per wake-up of one connection, so one busy client cannot
+# starve the others.
+MAX_PACKETS_PER_WAKEUP = 32
+
+
+def peer_groups(pid: int) -> frozenset[int]:
+    """Supplementary groups of a process (for ``allowed_groups``)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return frozenset(int(g) for g in line.split()[1:])
+    except (OSError, ValueError):
+        pass
+    return frozenset()
+
+
+class _Client:
+    def __init__(self, server: Server, conn: _native.Connection, peer: Peer) -> None:
+        self.server = server
+        self.conn = conn
+        self.peer = peer
+        self.fd = conn.fileno()
+        self.outbox: collections.deque[Reply] = collections.deque()
+        self.reading = False
+        self.writing = False
+        self.closed = False
+
+    def start(self) -> None:
+        self._set_reading(True)
+
+    def _set_reading(self, on: bool) -> None:
+        if on != self.reading:
+            loop = self.server.loop
+            loop.add_reader(self.fd, self._readable) if on else loop.remove_reader(self.fd)
+            self.reading = on
+
+    def _set_writing(self, on: bool) -> None:
+        if on != self.writing:
+            loop = self.server.loop
+            loop.add_writer(self.fd, self._flush) if on else loop.remove_writer(self.fd)
+            self.writing = on
+
+    def _readable(self) -> None:
+        for _ in range(MAX_PACKETS_PER_WAKEUP):
+            if self.closed or len(self.outbox) >= MAX_QUEUED_REPLIES:
+                break
+            try:
+                packet = self.conn.recv()
+            except (_native.ConnectionClosed, OSError):
+                self.close()
+                return
+            if packet is None:
+                break
+            data, truncated = packet
+            self.outbox.append(self.server.broker.request(self.peer, data, truncated))
+        self._flush()
+
+    def _flush(self) -> None:
+        while self.outbox and not self.closed:
+            reply = self.outbox[0]
+            try:
+                self.conn.send(reply.data, reply.fds())
+            except BlockingIOError:
+                break
+            except (_native.ConnectionClosed, OSError):
+                self.close()
+                return
+            self.outbox.popleft()
+            reply.sent()
+        if self.closed:
+            return
+        self._set_writing(bool(self.outbox))
+        self._set_reading(len(self.outbox) < MAX_QUEUED_REPLIES)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._set_reading(False)
+        self._set_writing(False)
+        for reply in self.outbox:
+            reply.sent()
+        self.outbox.clear()
+        self.conn.close()
+        self.server.clients.discard(self)
+        self.server.broker.disconnect(self.peer)
+
+
+class Server:
+    """Accepts connections on ``listener`` and feeds them to ``broker``."""
+
+    def __init__(self, broker: Broker, listener: _native.Listener, loop: asyncio.AbstractEventLoop) -> None:
+        self.broker = broker
+        self.listener = listener
+        self.loop = loop
+        self.clients: set[_Client] = set()
+
+    def start(self) -> None:
+        self.loop.add_reader(self.listener.fileno(), self._accept)
+        log.info("listening on %s (broker pid %d)", self.listener.path, os.getpid())
+
+    def _accept(self) -> None:
+        for _ in range(MAX_PACKETS_PER_WAKEUP):
+            try:
+                conn = self.listener.accept()
+            except OSError as e:  # EMFILE and friends: log, keep serving others
+                log.error("accept failed: %s", e)
+                return
+            if conn is None:
+                return
+            peer = self.broker.connect(conn.pid, conn.uid, conn.gid, peer_groups(conn.pid))
+            client = _Client(self, conn, peer)
+            self.clients.add(client)
+            client.start()
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.listener.fileno())
+        for client in list(self.clients):
+            client.close()
+        self.listener.close()
