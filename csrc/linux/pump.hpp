@@ -25,7 +25,8 @@ class Pump {
   Pump(const Pump&) = delete;
   Pump& operator=(const Pump&) = delete;
 
-  // Stops and joins the thread; idempotent. Blocks briefly: call without the GIL.
+  // Stops and joins the thread, then closes the dup'ed fds; idempotent.
+  // Blocks briefly: call without the GIL.
   void stop() noexcept;
   // False once the thread has ended, by stop() or because an fd died.
   bool running() const noexcept { return running_.load(); }
@@ -36,7 +37,8 @@ class Pump {
   };
   struct End {
     UniqueFd fd;
-    bool socket = false;
+    bool socket = false;    // batched with recvmmsg/sendmmsg
+    bool datagram = false;  // SOCK_DGRAM: an empty read is an empty frame, not EOF
   };
 
  private:

@@ -2,7 +2,6 @@
 
 #include <fcntl.h>
 #include <linux/if_tun.h>
-#include <linux/virtio_net.h>
 #include <net/if.h>
 #include <sched.h>
 #include <sys/ioctl.h>
@@ -14,8 +13,6 @@
 #include "common/sys_error.hpp"
 
 namespace vmb {
-
-static_assert(sizeof(virtio_net_hdr_v1) == kVnetHdrLen, "vnet header size");
 
 unsigned tap_offload_flags(bool vnet_hdr) { return vnet_hdr ? TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 : 0; }
 

@@ -11,7 +11,9 @@
 
 namespace vmb {
 
-constexpr std::size_t kVnetHdrLen = 12;  // sizeof(struct virtio_net_hdr_v1)
+// sizeof(struct virtio_net_hdr_v1): flags, gso_type, hdr_len, gso_size,
+// csum_start, csum_offset, num_buffers. (linux/virtio_net.h is not valid C++.)
+constexpr std::size_t kVnetHdrLen = 12;
 constexpr int kMaxQueues = 16;
 
 // TUNSETOFFLOAD flags for a TAP with or without a vnet header. Offloads need

@@ -1,0 +1,154 @@
+"""Fixtures for end-to-end tests: a real broker in its own namespace, real guests.
+
+Network tests need root, ``ip`` and ``/dev/net/tun``.  Without them they skip
+on a developer's machine, and fail under ``CI=true``: a CI run that skipped
+its network tests has tested nothing that matters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from vmnet_broker.sandbox import BrokerProcess, Namespace
+
+CI = os.environ.get("CI") == "true"
+# Every namespace the tests make starts with one of these (sandbox.unique_name).
+OUR_NETNS_PREFIXES = ("vmbt", "vmbg", "vmbb", "vmbo")
+
+
+def _missing() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root"
+    for tool in ("ip", "ping"):
+        if shutil.which(tool) is None:
+            return f"needs {tool}"
+    if not os.path.exists("/dev/net/tun"):
+        return "needs /dev/net/tun"
+    try:
+        from vmnet_broker import _native  # noqa: F401
+    except ImportError as e:
+        return f"native module not built: {e}"
+    return None
+
+
+def require_network() -> None:
+    missing = _missing()
+    if missing:
+        if CI:
+            pytest.fail(f"network test cannot run under CI: {missing}", pytrace=False)
+        pytest.skip(missing)
+
+
+_skipped: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped:
+        _skipped.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if CI and _skipped and session.exitstatus == 0:
+        session.exitstatus = 1
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ANN001
+    if CI and _skipped:
+        terminalreporter.write_line(f"CI=true: {len(_skipped)} test(s) skipped, failing the run", red=True)
+
+
+def our_namespaces() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.startswith(OUR_NETNS_PREFIXES)}
+
+
+def root_links() -> set[str]:
+    out = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True).stdout
+    return {link["ifname"] for link in json.loads(out or "[]")}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind():
+    """After the whole suite: no namespace of ours, no new link in the root ns."""
+    if _missing():
+        yield
+        return
+    before_ns, before_links = our_namespaces(), root_links()
+    yield
+    assert our_namespaces() - before_ns == set(), "tests left network namespaces behind"
+    assert root_links() - before_links == set(), "tests left links in the root namespace"
+
+
+@pytest.fixture
+def network():
+    require_network()
+
+
+def links_in(ns: Namespace) -> list[dict]:
+    out = ns.ip("-j", "-d", "link", "show").stdout
+    return json.loads(out or "[]")
+
+
+def broker_links(ns: Namespace) -> list[str]:
+    return [link["ifname"] for link in links_in(ns) if link["ifname"].startswith("vmb-")]
+
+
+@pytest.fixture
+def start_broker(network, tmp_path):
+    """Start brokers in fresh namespaces; each is stopped with SIGTERM and checked clean."""
+    brokers: list[BrokerProcess] = []
+
+    def start(*, idle_timeout: float = 60, config: dict | None = None, **kwargs) -> BrokerProcess:
+        workdir = tmp_path / f"broker{len(brokers)}"
+        config_dir = None
+        if config is not None:
+            config_dir = workdir / "config.d"
+            config_dir.mkdir(parents=True)
+            for name, obj in config.items():
+                text = obj if isinstance(obj, str) else json.dumps(obj)
+                (config_dir / f"{name}.json").write_text(text)
+        broker = BrokerProcess(workdir, idle_timeout=idle_timeout, config_dir=config_dir, **kwargs)
+        brokers.append(broker)
+        return broker.start()
+
+    yield start
+
+    problems = []
+    for broker in brokers:
+        try:
+            if broker.process is not None and broker.process.poll() is None:
+                code = broker.stop()
+                if code != 0:
+                    problems.append(f"broker exited {code} on SIGTERM:\n{broker.log()[-3000:]}")
+                if broker.namespace.created:
+                    left = broker_links(broker.namespace)
+                    if left:
+                        problems.append(f"broker left links after SIGTERM: {left}")
+        finally:
+            broker.namespace.close()
+    assert not problems, "\n".join(problems)
+
+
+@pytest.fixture
+def broker(start_broker):
+    return start_broker()
+
+
+@pytest.fixture
+def guests():
+    """Collects Guest objects and closes them (and their fds) at teardown."""
+    made = []
+    yield made
+    for guest in made:
+        guest.close()
+        guest.interface.close()
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
