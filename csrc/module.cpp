@@ -149,6 +149,25 @@ void bind_netlink(py::module_& m) {
         "Delete a link; ``FileNotFoundError`` (ENODEV) if it does not exist.");
   m.def("list_links", &vmb::list_links, py::arg("prefix") = "", nogil(),
         "All links whose name starts with ``prefix``, in ifindex order.");
+  m.def(
+      "list_routes",
+      [](int family) {
+        std::vector<std::tuple<std::string, int, unsigned>> out;
+        for (vmb::Route& r : vmb::list_routes(family)) out.emplace_back(std::move(r.destination), r.prefix_len, r.table);
+        return out;
+      },
+      py::arg("family"), nogil(),
+      "``(destination, prefix_len, table)`` of every route in every table\n"
+      "(``AF_INET`` or ``AF_INET6``), local and policy tables included.");
+  m.def(
+      "list_addresses",
+      [](int family) {
+        std::vector<std::tuple<std::string, int, std::string>> out;
+        for (vmb::Address& a : vmb::list_addresses(family))
+          out.emplace_back(std::move(a.address), a.prefix_len, std::move(a.ifname));
+        return out;
+      },
+      py::arg("family"), nogil(), "``(address, prefix_len, ifname)`` of every address of ``family``.");
 }
 
 void bind_tap(py::module_& m) {

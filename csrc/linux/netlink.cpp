@@ -8,9 +8,11 @@
 #include <sys/socket.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <stdexcept>
 
 #include "common/sys_error.hpp"
@@ -299,6 +301,51 @@ std::vector<unsigned char> parse_mac(const std::string& text) {
   return bytes;
 }
 
+// Runs a dump, starting over (at most kDumpAttempts times) while the kernel
+// flags it as interrupted by concurrent changes. `make` builds the request
+// and resets whatever `each` collects.
+void dump(Socket& sock, const std::string& operation, const std::function<Request()>& make,
+          const std::function<void(const nlmsghdr*)>& each) {
+  for (int attempt = 0; attempt < kDumpAttempts; ++attempt) {
+    Request req = make();
+    if (!sock.transact(req, operation, {}, each)) return;
+  }
+}
+
+std::vector<Link> dump_links(Socket& sock) {
+  std::vector<Link> links;
+  dump(
+      sock, "list links",
+      [&] {
+        links.clear();
+        Request req(RTM_GETLINK, NLM_F_DUMP);  // a dump ends with NLMSG_DONE, not an ACK
+        req.put(link_header());
+        req.attr_u32(IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS);
+        return req;
+      },
+      [&](const nlmsghdr* reply) {
+        Link link;
+        if (parse_link(reply, link)) links.push_back(std::move(link));
+      });
+  std::sort(links.begin(), links.end(), [](const Link& x, const Link& y) { return x.index < y.index; });
+  return links;
+}
+
+void check_family(int family, const char* operation) {
+  if (family != AF_INET && family != AF_INET6)
+    throw std::invalid_argument(std::string(operation) + ": family must be AF_INET or AF_INET6");
+}
+
+// inet_ntop of a raw address attribute; the family's zero address when
+// `data` is null (a route without RTA_DST is the default route).
+std::string address_text(int family, const void* data, std::size_t len) {
+  unsigned char raw[sizeof(in6_addr)] = {};
+  std::size_t size = family == AF_INET ? sizeof(in_addr) : sizeof(in6_addr);
+  if (data != nullptr) std::memcpy(raw, data, std::min(len, size));
+  char text[INET6_ADDRSTRLEN];
+  return ::inet_ntop(family, raw, text, sizeof text) ? text : "";
+}
+
 }  // namespace
 
 int create_bridge(const std::string& name, int mtu) {
@@ -404,20 +451,92 @@ void delete_link(const std::string& name) {
 
 std::vector<Link> list_links(const std::string& prefix) {
   Socket sock;
-  std::vector<Link> links;
-  for (int attempt = 0; attempt < kDumpAttempts; ++attempt) {
-    links.clear();
-    Request req(RTM_GETLINK, NLM_F_DUMP);  // a dump ends with NLMSG_DONE, not an ACK
-    req.put(link_header());
-    req.attr_u32(IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS);
-    bool interrupted = sock.transact(req, "list links", prefix, [&](const nlmsghdr* reply) {
-      Link link;
-      if (parse_link(reply, link) && link.name.compare(0, prefix.size(), prefix) == 0) links.push_back(link);
-    });
-    if (!interrupted) break;
-  }
-  std::sort(links.begin(), links.end(), [](const Link& x, const Link& y) { return x.index < y.index; });
+  std::vector<Link> links = dump_links(sock);
+  links.erase(std::remove_if(links.begin(), links.end(),
+                             [&](const Link& link) { return link.name.compare(0, prefix.size(), prefix) != 0; }),
+              links.end());
   return links;
+}
+
+std::vector<Route> list_routes(int family) {
+  check_family(family, "list routes");
+  Socket sock;
+  std::vector<Route> routes;
+  dump(
+      sock, "list routes",
+      [&] {
+        routes.clear();
+        Request req(RTM_GETROUTE, NLM_F_DUMP);
+        rtmsg header{};
+        header.rtm_family = static_cast<unsigned char>(family);
+        req.put(header);  // no table and no RTM_F_CLONED: every table, no cache entries
+        return req;
+      },
+      [&](const nlmsghdr* reply) {
+        if (reply->nlmsg_type != RTM_NEWROUTE || reply->nlmsg_len < NLMSG_LENGTH(sizeof(rtmsg))) return;
+        auto* rt = static_cast<rtmsg*>(NLMSG_DATA(const_cast<nlmsghdr*>(reply)));
+        if (rt->rtm_family != family) return;
+        Route route{address_text(family, nullptr, 0), rt->rtm_dst_len, rt->rtm_table};
+        int len = static_cast<int>(RTM_PAYLOAD(reply));
+        for (rtattr* a = RTM_RTA(rt); RTA_OK(a, len); a = RTA_NEXT(a, len)) {
+          switch (a->rta_type & NLA_TYPE_MASK) {
+            case RTA_DST:
+              route.destination = address_text(family, RTA_DATA(a), RTA_PAYLOAD(a));
+              break;
+            case RTA_TABLE:  // rtm_table is only 8 bits; this is the real id
+              route.table = attr_u32(a);
+              break;
+            default:
+              break;
+          }
+        }
+        routes.push_back(std::move(route));
+      });
+  return routes;
+}
+
+std::vector<Address> list_addresses(int family) {
+  check_family(family, "list addresses");
+  Socket sock;
+  std::map<int, std::string> names;
+  for (const Link& link : dump_links(sock)) names[link.index] = link.name;
+
+  std::vector<Address> addresses;
+  dump(
+      sock, "list addresses",
+      [&] {
+        addresses.clear();
+        Request req(RTM_GETADDR, NLM_F_DUMP);
+        ifaddrmsg header{};
+        header.ifa_family = static_cast<unsigned char>(family);
+        req.put(header);
+        return req;
+      },
+      [&](const nlmsghdr* reply) {
+        if (reply->nlmsg_type != RTM_NEWADDR || reply->nlmsg_len < NLMSG_LENGTH(sizeof(ifaddrmsg))) return;
+        auto* ifa = static_cast<ifaddrmsg*>(NLMSG_DATA(const_cast<nlmsghdr*>(reply)));
+        if (ifa->ifa_family != family) return;
+        // IFA_LOCAL is this host's address; IFA_ADDRESS is the peer's on a
+        // point-to-point link and the same address everywhere else.
+        std::string local, address;
+        int len = static_cast<int>(IFA_PAYLOAD(reply));
+        for (rtattr* a = IFA_RTA(ifa); RTA_OK(a, len); a = RTA_NEXT(a, len)) {
+          switch (a->rta_type & NLA_TYPE_MASK) {
+            case IFA_LOCAL:
+              local = address_text(family, RTA_DATA(a), RTA_PAYLOAD(a));
+              break;
+            case IFA_ADDRESS:
+              address = address_text(family, RTA_DATA(a), RTA_PAYLOAD(a));
+              break;
+            default:
+              break;
+          }
+        }
+        auto name = names.find(static_cast<int>(ifa->ifa_index));
+        addresses.push_back(Address{local.empty() ? address : local, ifa->ifa_prefixlen,
+                                    name != names.end() ? name->second : std::to_string(ifa->ifa_index)});
+      });
+  return addresses;
 }
 
 }  // namespace vmb

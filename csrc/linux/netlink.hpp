@@ -17,6 +17,18 @@ struct Link {
   bool up = false;  // IFF_UP
 };
 
+struct Route {
+  std::string destination;  // "0.0.0.0" or "::" for a default route
+  int prefix_len;
+  unsigned table;  // RT_TABLE_MAIN 254, RT_TABLE_LOCAL 255, ...
+};
+
+struct Address {
+  std::string address;  // the local address (IFA_LOCAL, else IFA_ADDRESS)
+  int prefix_len;
+  std::string ifname;
+};
+
 // Creates a bridge (down); `mtu` 0 keeps the kernel default. Returns its ifindex.
 int create_bridge(const std::string& name, int mtu);
 void set_link_up(const std::string& name, bool up);
@@ -30,5 +42,9 @@ void set_mac(const std::string& name, const std::string& mac);
 void delete_link(const std::string& name);
 // Links whose name starts with `prefix`, in ifindex order.
 std::vector<Link> list_links(const std::string& prefix);
+// Every route of `family` (AF_INET or AF_INET6) in every table.
+std::vector<Route> list_routes(int family);
+// Every address of `family`, with the name of its link.
+std::vector<Address> list_addresses(int family);
 
 }  // namespace vmb

@@ -104,7 +104,10 @@ Status read_batch(const Pump::End& src, Batch& batch, Pump::Counters& counters) 
     if (n < 0 && fatal(errno)) return Status::dead;
     for (int i = 0; i < n; ++i) {
       std::size_t len = batch.msgs[i].msg_len;
-      if (len == 0 && !src.datagram) return Status::dead;  // seqpacket EOF
+      if (len == 0 && !src.datagram) {  // seqpacket EOF: forward what came before it
+        status = Status::dead;
+        break;
+      }
       if (len == 0 || (batch.msgs[i].msg_hdr.msg_flags & MSG_TRUNC)) {
         ++drops;
         continue;
@@ -113,13 +116,11 @@ Status read_batch(const Pump::End& src, Batch& batch, Pump::Counters& counters) 
     }
   } else {
     for (unsigned i = 0; i < kBatch; ++i) {
-      ssize_t n = ::read(src.fd.get(), batch.frame(i), kFrameSize);
+      ssize_t n;
+      while ((n = ::read(src.fd.get(), batch.frame(i), kFrameSize)) < 0 && errno == EINTR) {
+      }
       if (n > 0) {
         batch.iov[batch.count++] = {batch.frame(i), static_cast<std::size_t>(n)};
-        continue;
-      }
-      if (n < 0 && errno == EINTR) {
-        --i;
         continue;
       }
       if (n < 0 && !retry_later(errno) && !fatal(errno)) {
