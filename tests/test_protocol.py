@@ -119,7 +119,7 @@ def test_error_reply_without_id_has_no_id():
     assert "id" not in json.loads(err.reply())
 
 
-@given(st.one_of(st.text(), st.integers(), st.floats(allow_nan=False), st.booleans(), st.none()))
+@given(st.one_of(st.text(), st.integers(), st.floats(allow_nan=False, allow_infinity=False), st.booleans(), st.none()))
 def test_any_scalar_id_is_echoed(request_id):
     req = parse({"command": "status", "id": request_id})
     assert json.loads(protocol.encode_reply({}, req))["id"] == request_id

@@ -159,7 +159,7 @@ class BrokerProcess:
         assert self.process is not None
         return self.process.pid
 
-    def signal(self, sig: int) -> None:
+    def send_signal(self, sig: int) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(sig)
 
@@ -167,7 +167,7 @@ class BrokerProcess:
         """Signal the broker and wait; SIGKILL if it does not exit in time."""
         if self.process is None:
             return None
-        self.signal(sig)
+        self.send_signal(sig)
         try:
             return self.process.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -85,21 +85,22 @@ def config_text(spec: DnsmasqSpec, state_dir: Path) -> str:
         f"pid-file={files['pid']}",
         "log-facility=-",  # stderr, which goes to the .log file
         f"user={USER}",
-        # DNS and DHCP on the bridge only, never a wildcard socket on port 53:
-        # other dnsmasq instances (other networks, libvirt's) and the host's
-        # resolver must keep theirs.  bind-dynamic rather than bind-interfaces:
-        # it also binds addresses that appear later (an IPv6 address is
-        # unusable until DAD ends) instead of failing at start.
+        # DNS on the bridge's own addresses only, never a wildcard socket on
+        # port 53: other dnsmasq instances (other networks, libvirt's) and the
+        # host's resolver keep theirs.  interface= rather than listen-address=:
+        # RA and DHCPv6 are enabled by interface name only, and it makes the
+        # DHCP socket bound to the bridge (SO_BINDTODEVICE).  bind-dynamic
+        # rather than bind-interfaces: an address that appears later (IPv6 is
+        # unusable until DAD ends) is bound then instead of failing the start.
+        f"interface={spec.bridge}",
         "bind-dynamic",
         "except-interface=lo",
-        f"listen-address={spec.gateway}",
+        "no-hosts",
     ]
-    if v6 is not None:
-        lines.append(f"listen-address={v6}")
-    lines.append("no-hosts")
 
     if spec.dns:
-        lines += [f"domain={spec.domain}", f"local=/{spec.domain}/", "expand-hosts"]
+        # domain-needed: a bare guest name that is not ours is not sent upstream.
+        lines += [f"domain={spec.domain}", f"local=/{spec.domain}/", "expand-hosts", "domain-needed"]
         if spec.dns_servers:
             lines += ["no-resolv"] + [f"server={server}" for server in spec.dns_servers]
         elif spec.mode == "host":

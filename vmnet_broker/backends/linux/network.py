@@ -83,13 +83,12 @@ class Interface:
         return self._tap.fds()
 
     def handed_over(self) -> None:
-        # A tap-kind TAP now lives as long as the VM's fd (or until deleted);
-        # a dgram TAP lives in the pump, which holds its own dup.
-        if self.kind == "dgram":
-            if self._client_end is not None:
-                self._client_end.close()
-                self._client_end = None
-        self._tap.close()
+        # The client has its end of a dgram socketpair now.  TAP fds we keep:
+        # the interface belongs to the connection, not to whoever holds the
+        # fd, so it must outlive a VMM that closed it until detach or disconnect.
+        if self._client_end is not None:
+            self._client_end.close()
+            self._client_end = None
 
     def stats(self) -> dict[str, int] | None:
         return self._pump.stats() if self._pump is not None else None
@@ -100,6 +99,7 @@ class Interface:
         if self._pump is not None:
             self._pump.stop()
         self.handed_over()
+        self._tap.close()
 
 
 def create_interface(bridge: str, network_name: str, mtu: int, request: Attach) -> Interface:
