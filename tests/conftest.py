@@ -64,8 +64,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # no
 
 
 def our_namespaces() -> set[str]:
+    """Namespaces this test process made (sandbox.unique_name tags them with our pid)."""
+    tag = f"{os.getpid() % 100000}-"
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    return {line.split()[0] for line in out.splitlines() if line.startswith(OUR_NETNS_PREFIXES)}
+    names = (line.split()[0] for line in out.splitlines())
+    return {n for n in names if n.startswith(OUR_NETNS_PREFIXES) and n[4:].startswith(tag)}
 
 
 def root_links() -> set[str]:

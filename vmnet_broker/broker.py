@@ -288,7 +288,9 @@ class Broker:
             networks.append(info)
         return {
             "version": __version__,
-            "peers": len(self._peers),
+            # Connections holding at least one network; "connections" counts all.
+            "peers": sum(1 for peer in self._peers if peer.networks),
+            "connections": len(self._peers),
             "uptime": round(time.monotonic() - self._started, 3),
             "networks": networks,
             "available": sorted(self._configs),

@@ -114,7 +114,8 @@ def _status(socket_path: str | None, as_json: bool) -> int:
     if as_json:
         print(json.dumps(status.raw, indent=2))
         return 0
-    print(f"vmnet-broker {status.version} at {socket_path or default_socket_path()}: {status.peers} client(s)")
+    where = socket_path or default_socket_path()
+    print(f"vmnet-broker {status.version} at {where}: {status.peers} peer(s) holding networks")
     if not status.networks:
         print("no networks")
     for net in status.networks:
