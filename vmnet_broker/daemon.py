@@ -76,7 +76,7 @@ async def _serve(options: Options) -> int:
 
     configs = load_config_dir(options.config_dir)
     Path(options.state_dir).mkdir(parents=True, exist_ok=True)
-    backend = LinuxBackend(options.state_dir)
+    backend = LinuxBackend(options.state_dir, loop)
     backend.cleanup_leftovers()
 
     broker = Broker(backend, configs, options.idle_timeout, loop)

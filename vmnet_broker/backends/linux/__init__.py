@@ -1,17 +1,25 @@
-"""The Linux backend: kernel bridges, TAP devices and dgram pumps.
+"""The Linux backend: what a network is, in kernel objects and daemons.
 
-A network is a bridge ``vmb-brN`` with the gateway address on it; an
-interface is a TAP on that bridge whose fd goes to the client, or for
-``dgram`` a TAP the broker keeps, pumped natively to one end of a socketpair.
+A network is a bridge ``vmb-brN`` with the gateway on it, its rules in the
+broker's nftables table, and one dnsmasq for DHCP, DNS and router
+advertisements.  An interface is a TAP on the bridge whose fd goes to the
+client, or for ``dgram`` a TAP the broker keeps, pumped natively to one end of
+a socketpair.
+
+Creation and removal mirror each other (libvirt's start/shutdown of a
+virtual network): each step of ``create_network`` registers its undo, and a
+failure unwinds what was done in reverse.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextlib
 import ipaddress
-import json
 import logging
-import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +27,30 @@ from ... import _native
 from ...config import NetworkConfig
 from ...protocol import Attach
 from ..base import CreateError
-from . import names, network, subnets
+from . import dnsmasq, firewall, names, network, subnets
+from .state import RememberedChoices, random_ula_prefix
 
 log = logging.getLogger(__name__)
 
+# A dnsmasq that keeps dying is given up on rather than restarted forever.
+MAX_RESTARTS = 5
+RESTART_WINDOW = 60.0
+
 
 class LinuxNetwork:
-    def __init__(self, config: NetworkConfig, subnet: ipaddress.IPv4Network, bridge: str) -> None:
+    def __init__(
+        self,
+        config: NetworkConfig,
+        subnet: ipaddress.IPv4Network,
+        ipv6_prefix: ipaddress.IPv6Network | None,
+        bridge: str,
+    ) -> None:
         self.config = config
         self.subnet = subnet
+        self.ipv6_prefix = ipv6_prefix
         self.bridge = bridge
+        self.dnsmasq: dnsmasq.Dnsmasq | None = None
+        self.restarts: collections.deque[float] = collections.deque(maxlen=MAX_RESTARTS)
 
     @property
     def gateway(self) -> ipaddress.IPv4Address:
@@ -41,22 +63,64 @@ class LinuxNetwork:
             "subnet": str(self.subnet.network_address),
             "mask": str(self.subnet.netmask),
             "gateway": str(self.gateway),
-            "ipv6_prefix": "",
-            "prefix_len": 0,
+            "ipv6_prefix": str(self.ipv6_prefix.network_address) if self.ipv6_prefix else "",
+            "prefix_len": self.ipv6_prefix.prefixlen if self.ipv6_prefix else 0,
             "mtu": self.config.mtu,
             "bridge": self.bridge,
+            "domain": self.config.dns_domain if self.config.dns else "",
+            "dhcp": self.config.dhcp,
         }
+
+    def firewall_spec(self) -> firewall.FirewallNetwork:
+        return firewall.FirewallNetwork(
+            name=self.config.name,
+            bridge=self.bridge,
+            mode=self.config.mode,
+            subnet=self.subnet,
+            ipv6_prefix=self.ipv6_prefix,
+            external_interface=self.config.external_interface,
+            port_forwards=self.config.port_forwards,
+        )
+
+    def dnsmasq_spec(self) -> dnsmasq.DnsmasqSpec:
+        c = self.config
+        return dnsmasq.DnsmasqSpec(
+            name=c.name,
+            bridge=self.bridge,
+            subnet=self.subnet,
+            gateway=self.gateway,
+            dhcp=c.dhcp,
+            dhcp_range=c.dhcp_range,
+            lease_time=c.lease_time,
+            reservations=c.reservations,
+            dns=c.dns,
+            dns_servers=c.dns_servers,
+            domain=c.dns_domain,
+            ipv6_prefix=self.ipv6_prefix,
+            mode=c.mode,
+            mtu=c.mtu,
+        )
+
+    @property
+    def needs_dnsmasq(self) -> bool:
+        return self.config.dhcp or self.config.dns or self.ipv6_prefix is not None
 
 
 class LinuxBackend:
-    def __init__(self, state_dir: str | Path) -> None:
-        self.state_dir = Path(state_dir)
+    def __init__(self, state_dir: str | Path, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.state_dir = Path(state_dir).absolute()
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+        self._loop = loop
         self._networks: dict[str, LinuxNetwork] = {}
+        self._remembered = RememberedChoices(self.state_dir)
 
     # -- leftovers --------------------------------------------------------------
 
     def cleanup_leftovers(self) -> None:
+        for pid in dnsmasq.kill_leftovers(self.state_dir):
+            log.warning("removed leftover dnsmasq (pid %d)", pid)
+        if firewall.delete_table():
+            log.warning("removed leftover nftables table inet %s", names.NFT_TABLE)
         # TAPs first: deleting a bridge releases its ports but leaves them.
         links = sorted(_native.list_links(names.PREFIX), key=lambda link: link.kind == "bridge")
         for link in links:
@@ -67,18 +131,45 @@ class LinuxBackend:
 
     def create_network(self, config: NetworkConfig) -> LinuxNetwork:
         subnet = self._pick_subnet(config)
-        try:
-            bridge = network.create_bridge(subnet, config.mtu)
-        except OSError as e:
-            raise CreateError(f"cannot create bridge for {config.name!r}: {e}") from e
-        net = LinuxNetwork(config, subnet, bridge)
+        prefix = self._pick_ipv6_prefix(config)
+        with contextlib.ExitStack() as undo:
+            try:
+                bridge = network.create_bridge(subnet, config.mtu)
+                undo.callback(network.delete_link_quietly, bridge)
+                if prefix is not None:
+                    _native.add_address(bridge, str(prefix.network_address + 1), prefix.prefixlen)
+            except OSError as e:
+                raise CreateError(f"cannot create bridge for {config.name!r}: {e}") from e
+
+            net = LinuxNetwork(config, subnet, prefix, bridge)
+            self._apply_firewall([*self._networks.values(), net])
+            undo.callback(self._apply_firewall_quietly, list(self._networks.values()))
+
+            if net.needs_dnsmasq:
+                self._start_dnsmasq(net)
+                undo.callback(self._stop_dnsmasq, net)
+            undo.pop_all()
+
         self._networks[config.name] = net
-        self._remember_subnet(config.name, subnet)
+        self._remembered.remember(config.name, subnet=subnet, ipv6_prefix=prefix)
         return net
 
     def destroy_network(self, net: LinuxNetwork) -> None:
+        """Remove in reverse order of creation; every step runs, errors are collected."""
         self._networks.pop(net.config.name, None)
-        network.delete_link_quietly(net.bridge)
+        errors = []
+        for step in (
+            lambda: self._stop_dnsmasq(net),
+            lambda: self._apply_firewall(list(self._networks.values())),
+            lambda: network.delete_link_quietly(net.bridge),
+        ):
+            try:
+                step()
+            except Exception as e:
+                log.error("removing network %r: %s", net.config.name, e)
+                errors.append(e)
+        if errors:
+            raise errors[0]
 
     def create_interface(self, net: LinuxNetwork, request: Attach) -> network.Interface:
         try:
@@ -90,9 +181,62 @@ class LinuxBackend:
         iface.destroy()
 
     def close(self) -> None:
-        pass
+        for net in list(self._networks.values()):
+            self.destroy_network(net)
+        firewall.delete_table()
 
-    # -- subnets ------------------------------------------------------------------
+    # -- firewall -------------------------------------------------------------------
+
+    def _apply_firewall(self, nets: list[LinuxNetwork]) -> None:
+        specs = [n.firewall_spec() for n in nets]
+        try:
+            firewall.apply(specs)
+        except (firewall.FirewallError, OSError) as e:
+            raise CreateError(f"nftables: {e}") from e
+        for key, value in firewall.sysctls(specs).items():
+            _write_sysctl(key, value)
+
+    def _apply_firewall_quietly(self, nets: list[LinuxNetwork]) -> None:
+        try:
+            self._apply_firewall(nets)
+        except CreateError as e:
+            log.error("restoring firewall rules: %s", e)
+
+    # -- dnsmasq ---------------------------------------------------------------------
+
+    def _start_dnsmasq(self, net: LinuxNetwork) -> None:
+        server = dnsmasq.Dnsmasq(net.dnsmasq_spec(), self.state_dir)
+        try:
+            server.start()
+        except (dnsmasq.DnsmasqError, OSError) as e:
+            raise CreateError(f"dnsmasq for {net.config.name!r}: {e}") from e
+        net.dnsmasq = server
+        if self._loop is not None:
+            server.watch(self._loop, lambda: self._dnsmasq_exited(net, server))
+        log.info("network %r: dnsmasq pid %s", net.config.name, server.pid)
+
+    def _stop_dnsmasq(self, net: LinuxNetwork) -> None:
+        server, net.dnsmasq = net.dnsmasq, None
+        if server is not None:
+            server.stop()
+
+    def _dnsmasq_exited(self, net: LinuxNetwork, server: dnsmasq.Dnsmasq) -> None:
+        if net.dnsmasq is not server or self._networks.get(net.config.name) is not net:
+            return  # stopped on purpose
+        now = time.monotonic()
+        if len(net.restarts) == MAX_RESTARTS and now - net.restarts[0] < RESTART_WINDOW:
+            log.error("network %r: dnsmasq keeps dying; not restarting it again", net.config.name)
+            net.dnsmasq = None
+            return
+        net.restarts.append(now)
+        log.warning("network %r: dnsmasq (pid %s) died, restarting it", net.config.name, server.pid)
+        net.dnsmasq = None
+        try:
+            self._start_dnsmasq(net)
+        except CreateError as e:
+            log.error("network %r: %s", net.config.name, e)
+
+    # -- addresses --------------------------------------------------------------------
 
     def _taken(self) -> list[tuple[ipaddress.IPv4Network, str]]:
         """Every IPv4 network in use in this namespace, and what uses it."""
@@ -115,33 +259,29 @@ class LinuxBackend:
                 if subnets.conflict(config.subnet, [net]):
                     raise CreateError(f"subnet {config.subnet} of {config.name!r} overlaps {why}")
             return config.subnet
-        chosen = subnets.choose((net for net, _ in taken), self._remembered_subnet(config.name))
+        chosen = subnets.choose((net for net, _ in taken), self._remembered.subnet(config.name))
         if chosen is None:
             raise CreateError(f"no free /24 left in {subnets.POOL_FIRST} - {subnets.POOL_LAST}")
         return chosen
 
-    @property
-    def _subnets_file(self) -> Path:
-        return self.state_dir / "subnets.json"
-
-    def _remembered(self) -> dict[str, str]:
-        try:
-            data = json.loads(self._subnets_file.read_text())
-            return data if isinstance(data, dict) else {}
-        except (OSError, ValueError):
-            return {}
-
-    def _remembered_subnet(self, name: str) -> ipaddress.IPv4Network | None:
-        try:
-            return ipaddress.IPv4Network(self._remembered()[name])
-        except (KeyError, ValueError, TypeError):
+    def _pick_ipv6_prefix(self, config: NetworkConfig) -> ipaddress.IPv6Network | None:
+        if not config.ipv6:
             return None
+        if config.ipv6_prefix is not None:
+            prefix = config.ipv6_prefix
+        else:
+            prefix = self._remembered.ipv6_prefix(config.name) or random_ula_prefix()
+        for other in self._networks.values():
+            if other.ipv6_prefix is not None and other.ipv6_prefix.overlaps(prefix):
+                if config.ipv6_prefix is not None:
+                    raise CreateError(f"ipv6_prefix {prefix} of {config.name!r} is used by {other.config.name!r}")
+                prefix = random_ula_prefix()
+        return prefix
 
-    def _remember_subnet(self, name: str, subnet: ipaddress.IPv4Network) -> None:
-        data = self._remembered()
-        if data.get(name) == str(subnet):
-            return
-        data[name] = str(subnet)
-        tmp = self._subnets_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, self._subnets_file)
+
+def _write_sysctl(key: str, value: str) -> None:
+    """Namespace-local for net.*: affects only the broker's network namespace."""
+    path = Path("/proc/sys") / key
+    if path.read_text().strip() != value:
+        path.write_text(value)
+        log.info("sysctl %s = %s", key.replace("/", "."), value)

@@ -134,9 +134,12 @@ def config_text(spec: DnsmasqSpec, state_dir: Path) -> str:
     if v6 is not None:
         # SLAAC from the prefix on the bridge (constructor: needs the bridge's
         # ::1 in it).  ra-stateless adds DHCPv6 information replies for DNS.
+        # dnsmasq advertises a default route only while the namespace forwards
+        # IPv6 (see firewall.sysctls); host mode must say lifetime 0 itself.
         lines += ["enable-ra", f"dhcp-range=::,constructor:{spec.bridge},{'ra-stateless' if spec.dns else 'ra-only'}"]
         if spec.dns:
-            # The default RDNSS is our link-local address, where we do not listen.
+            # The default RDNSS is our link-local address, which a resolver
+            # can use only with a scope (%eth0); the global ::1 needs none.
             lines.append(f"dhcp-option=option6:dns-server,[{v6}]")
         if spec.mode == "host":
             lines.append(f"ra-param={spec.bridge},0,0")  # router lifetime 0: a prefix, no default route
