@@ -51,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="remove a network this long after its last client left",
     )
+    serve.add_argument(
+        "--socket-group",
+        default=None,
+        metavar="GROUP",
+        help="group owning the socket: its members may use the broker without root",
+    )
     serve.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="log verbosity")
 
     status = commands.add_parser(
@@ -93,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .daemon import Options, serve
 
         _setup_logging(args.log_level)
-        return serve(Options(args.socket, args.config_dir, args.state_dir, args.idle_timeout))
+        return serve(Options(args.socket, args.config_dir, args.state_dir, args.idle_timeout, args.socket_group))
     if args.command == "status":
         return _status(args.socket, args.json)
     if args.command == "demo":

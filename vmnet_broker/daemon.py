@@ -9,6 +9,7 @@ step in ``finally`` and reports the first error.
 from __future__ import annotations
 
 import asyncio
+import grp
 import logging
 import os
 import signal
@@ -36,6 +37,7 @@ class Options:
     config_dir: str | None = DEFAULT_CONFIG_DIR
     state_dir: str = DEFAULT_STATE_DIR
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    socket_group: str | None = None  # group that may connect (socket mode 0660)
 
 
 def _activated_listener() -> _native.Listener | None:
@@ -64,6 +66,10 @@ def _notify(state: str) -> None:
         log.debug("sd_notify failed: %s", e)
 
 
+def _gid(group: str) -> int:
+    return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+
+
 def serve(options: Options) -> int:
     """Run the broker until SIGINT or SIGTERM; 0 after a clean shutdown."""
     return asyncio.run(_serve(options))
@@ -86,7 +92,11 @@ async def _serve(options: Options) -> int:
 
     server: Server | None = None
     try:
-        listener = _activated_listener() or _native.Listener(options.socket_path)
+        listener = _activated_listener()
+        if listener is None:
+            listener = _native.Listener(options.socket_path)
+            if options.socket_group is not None:
+                os.chown(options.socket_path, -1, _gid(options.socket_group))
         server = Server(broker, listener, loop)
         server.start()
         log.info(

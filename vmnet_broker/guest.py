@@ -8,7 +8,10 @@ the demo, the tests and the benchmarks; ``close()`` removes all of it.
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
+import tempfile
 from typing import Any
 
 from . import _native
@@ -52,6 +55,26 @@ class Guest:
         if gateway:
             self.namespace.ip("route", "add", "default", "via", gateway)
 
+    def dhcp(self, hostname: str | None = None, timeout: int = 10) -> dict[str, str]:
+        """Get a lease with busybox ``udhcpc`` (a real DHCP client) and apply it.
+
+        Returns the lease's variables (``ip``, ``subnet``, ``router``, ``dns``,
+        ``domain``...).  Raises ``RuntimeError`` if no lease came.
+        """
+        with tempfile.TemporaryDirectory(prefix="vmb-udhcpc-") as tmp:
+            script = os.path.join(tmp, "script")
+            with open(script, "w") as f:
+                f.write(_UDHCPC_SCRIPT)
+            os.chmod(script, 0o755)
+            cmd = ["busybox", "udhcpc", "-i", "eth0", "-f", "-q", "-n", "-t", str(timeout), "-T", "1", "-A", "1", "-s", script]
+            if hostname:
+                cmd += ["-x", f"hostname:{hostname}"]
+            out = self.run(*cmd, timeout=timeout + 10, check=False)
+        match = re.search(r"^lease (.*)$", out.stdout, re.M)
+        if out.returncode != 0 or not match:
+            raise RuntimeError(f"{self.name}: no DHCP lease: {out.stdout}{out.stderr}")
+        return dict(item.split("=", 1) for item in match.group(1).split("|") if "=" in item)
+
     def run(self, *cmd: str, timeout: float = 20, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.namespace.run(*cmd, timeout=timeout, check=check)
 
@@ -78,3 +101,16 @@ class Guest:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# udhcpc calls this with the lease in the environment (busybox's contract).
+_UDHCPC_SCRIPT = """#!/bin/sh
+case "$1" in
+    bound|renew)
+        ip -4 addr flush dev "$interface"
+        ip addr add "$ip/$subnet" dev "$interface"
+        if [ -n "$router" ]; then ip route replace default via "${router%% *}" dev "$interface"; fi
+        echo "lease ip=$ip|subnet=$subnet|router=$router|dns=$dns|domain=$domain|lease=$lease|mtu=$mtu"
+        ;;
+esac
+"""
