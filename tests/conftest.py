@@ -107,12 +107,12 @@ def start_broker(network, tmp_path):
     """Start brokers in fresh namespaces; each is stopped with SIGTERM and checked clean."""
     brokers: list[BrokerProcess] = []
 
-    def start(*, idle_timeout: float = 60, config: dict | None = None, **kwargs) -> BrokerProcess:
-        workdir = tmp_path / f"broker{len(brokers)}"
+    def start(*, idle_timeout: float = 60, config: dict | None = None, workdir=None, **kwargs) -> BrokerProcess:
+        workdir = Path(workdir or tmp_path / f"broker{len(brokers)}")
         config_dir = None
         if config is not None:
             config_dir = workdir / "config.d"
-            config_dir.mkdir(parents=True)
+            config_dir.mkdir(parents=True, exist_ok=True)
             for name, obj in config.items():
                 text = obj if isinstance(obj, str) else json.dumps(obj)
                 (config_dir / f"{name}.json").write_text(text)

@@ -22,33 +22,14 @@ import pytest
 
 from vmnet_broker.sandbox import Namespace, unique_name
 
-from .conftest import CI, repo_root, require_network
+from . import netlab
+from .conftest import CI, require_network
 
 pytestmark = pytest.mark.network
 
 SHARED_BR, HOST_BR = "vmb-br0", "vmb-br1"
 SHARED_GW, HOST_GW, SHARED_V6GW = "192.168.105.1", "192.168.106.1", "fd00:1:2:3::1"
 UPLINK, INTERNET = "203.0.113.1", "203.0.113.2"
-
-# A TCP server that answers with the peer's address, and its client.
-PEER = textwrap.dedent("""
-    import socket, sys
-    if sys.argv[1] == "serve":
-        s = socket.socket(socket.AF_INET6)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("::", int(sys.argv[2])))
-        s.listen()
-        print("ready", flush=True)
-        while True:
-            c, addr = s.accept()
-            c.sendall(addr[0].removeprefix("::ffff:").encode())
-            c.close()
-    try:
-        c = socket.create_connection((sys.argv[2], int(sys.argv[3])), timeout=float(sys.argv[4]))
-        print(c.recv(100).decode())
-    except OSError as e:
-        print("FAIL", e)
-""")
 
 # busybox udhcpc calls this with the offer in its environment.
 UDHCPC_SCRIPT = """#!/bin/sh
@@ -113,18 +94,14 @@ class Lab:
             ns.ip("link", "set", "up0", "up")
         return net
 
-    def python(self, ns: Namespace, code: str, *args: str, **popen) -> subprocess.Popen | subprocess.CompletedProcess:
-        cmd = ["env", f"PYTHONPATH={repo_root()}", sys.executable, "-c", code, *args]
-        if popen:
-            return ns.popen(cmd, text=True, **popen)
-        return ns.run(*cmd, timeout=30)
+    def python(self, ns: Namespace, code: str, *args: str, **popen):
+        return netlab.python(ns, code, *args, **popen)
 
     def serve(self, ns: Namespace, port: int) -> None:
-        proc = self.python(ns, PEER, "serve", str(port), stdout=subprocess.PIPE)
-        assert proc.stdout.readline().strip() == "ready"
+        netlab.serve(ns, port)
 
     def connect(self, ns: Namespace, host: str, port: int, timeout: float = 2) -> str:
-        return self.python(ns, PEER, "connect", host, str(port), str(timeout)).stdout.strip()
+        return netlab.connect(ns, host, port, timeout)
 
     def close(self) -> None:
         for ns in self.namespaces:

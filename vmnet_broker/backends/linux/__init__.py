@@ -37,6 +37,9 @@ MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
 
 
+_TABLES = {253: "default", 254: "main"}
+
+
 class LinuxNetwork:
     def __init__(
         self,
@@ -241,15 +244,16 @@ class LinuxBackend:
     def _taken(self) -> list[tuple[ipaddress.IPv4Network, str]]:
         """Every IPv4 network in use in this namespace, and what uses it."""
         taken = [(n.subnet, f"broker network {n.config.name!r}") for n in self._networks.values()]
+        # Addresses first: "address 10.0.0.5/24 on wg0" says more than its route.
+        for address, plen, ifname in _native.list_addresses(socket.AF_INET):
+            net = ipaddress.IPv4Network(f"{address}/{plen}", strict=False)
+            taken.append((net, f"address {address}/{plen} on {ifname}"))
         for dst, plen, table in _native.list_routes(socket.AF_INET):
             # Table 255 ("local") holds the host's own addresses and broadcasts,
             # loopback's 127/8 included: the address list covers those.
             if table != 255:
                 net = ipaddress.IPv4Network(f"{dst}/{plen}", strict=False)
-                taken.append((net, f"route {net} (table {table})"))
-        for address, plen, ifname in _native.list_addresses(socket.AF_INET):
-            net = ipaddress.IPv4Network(f"{address}/{plen}", strict=False)
-            taken.append((net, f"address {address}/{plen} on {ifname}"))
+                taken.append((net, f"route {net} (table {_TABLES.get(table, table)})"))
         return taken
 
     def _pick_subnet(self, config: NetworkConfig) -> ipaddress.IPv4Network:
