@@ -85,6 +85,9 @@ def nothing_left_behind():
     before_ns, before_links = our_namespaces(), root_links()
     yield
     assert our_namespaces() - before_ns == set(), "tests left network namespaces behind"
+    tag = f"{os.getpid() % 100000}-"
+    etc = [p.name for p in Path("/etc/netns").glob(f"vmb*{tag}*")] if Path("/etc/netns").is_dir() else []
+    assert etc == [], f"tests left /etc/netns entries behind: {etc}"
     assert root_links() - before_links == set(), "tests left links in the root namespace"
 
 

@@ -2,13 +2,13 @@
 
 A broker starts in a fresh network namespace; two namespace guests attach to
 the ``shared`` network (one by TAP fd, one by datagram socket, as QEMU and
-vfkit would); they ping each other; ``vmnet-broker status`` shows the
-network; then everything is removed.
+vfkit would), get addresses by DHCP and ping each other by name through the
+network's DNS; ``vmnet-broker status`` shows the network; then everything is
+removed.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import subprocess
 import sys
@@ -37,21 +37,20 @@ def run_demo() -> int:
             with Client(broker.socket_path) as client:
                 net = client.acquire_network("shared")
                 _say(f"network {net.name!r}: {net.subnet}/{net.mask}, gateway {net.gateway}, bridge {net.bridge}")
-                subnet = ipaddress.IPv4Network(f"{net.subnet}/{net.mask}")
                 guests = []
                 try:
-                    for i, kind in enumerate(("tap", "dgram")):
+                    for name, kind in (("vm1", "tap"), ("vm2", "dgram")):
                         iface = client.attach("shared", kind)
                         guest = Guest(iface).start()
                         guests.append(guest)
-                        address = subnet.network_address + 10 + i
-                        guest.configure(f"{address}/{subnet.prefixlen}", net.gateway)
-                        _say(f"guest {guest.name}: {kind} interface {iface.name}, mac {iface.mac}, ip {address}")
+                        lease = guest.dhcp(hostname=name)
+                        _say(f"{name} ({guest.name}): {kind} interface {iface.name}, mac {iface.mac}, "
+                             f"DHCP lease {lease['ip']}, dns {lease['dns']}, domain {lease['domain']}")
                     a, b = guests
-                    for src, dst, dst_ip in ((a, b, subnet.network_address + 11), (b, a, subnet.network_address + 10)):
-                        reached = src.ping(str(dst_ip), count=3)
+                    for src, src_name, dst_name in ((a, "vm1", "vm2"), (b, "vm2", "vm1")):
+                        reached = src.ping(dst_name, count=3)
                         ok &= reached
-                        _say(f"{src.name} -> {dst.name} ({dst_ip}): {'reply' if reached else 'NO REPLY'}")
+                        _say(f"{src_name} -> {dst_name} (by name): {'reply' if reached else 'NO REPLY'}")
                     _say("\n$ vmnet-broker status")
                     status = subprocess.run(
                         [sys.executable, "-m", "vmnet_broker", "status", "--socket", broker.socket_path],

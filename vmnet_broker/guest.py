@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import tempfile
+from pathlib import Path
 from typing import Any
 
 from . import _native
@@ -27,6 +29,7 @@ class Guest:
         self.namespace = Namespace(name or unique_name("vmbg"))
         self._tap: Any = None  # _native.Tap in the guest namespace
         self._pump: Any = None
+        self._etc = Path("/etc/netns") / self.namespace.name
 
     @property
     def name(self) -> str:
@@ -73,7 +76,20 @@ class Guest:
         match = re.search(r"^lease (.*)$", out.stdout, re.M)
         if out.returncode != 0 or not match:
             raise RuntimeError(f"{self.name}: no DHCP lease: {out.stdout}{out.stderr}")
-        return dict(item.split("=", 1) for item in match.group(1).split("|") if "=" in item)
+        lease = dict(item.split("=", 1) for item in match.group(1).split("|") if "=" in item)
+        if lease.get("dns"):
+            self._write_resolv_conf(lease["dns"].split(), lease.get("domain", ""))
+        return lease
+
+    def _write_resolv_conf(self, servers: list[str], domain: str) -> None:
+        # `ip netns exec` bind-mounts /etc/netns/NAME/resolv.conf over
+        # /etc/resolv.conf for what runs in the guest: its own resolver, like
+        # a VM's.  Removed by close().
+        lines = [f"nameserver {server}" for server in servers]
+        if domain:
+            lines.append(f"search {domain}")
+        self._etc.mkdir(parents=True, exist_ok=True)
+        (self._etc / "resolv.conf").write_text("\n".join(lines) + "\n")
 
     def run(self, *cmd: str, timeout: float = 20, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.namespace.run(*cmd, timeout=timeout, check=check)
@@ -95,6 +111,7 @@ class Guest:
             self._tap.close()
             self._tap = None
         self.namespace.close()
+        shutil.rmtree(self._etc, ignore_errors=True)
 
     def __enter__(self) -> Guest:
         return self.start()
