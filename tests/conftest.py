@@ -45,6 +45,16 @@ def require_network() -> None:
         pytest.skip(missing)
 
 
+def require_tools(*tools: str) -> None:
+    """require_network() plus these programs on PATH (same CI rule)."""
+    require_network()
+    for tool in tools:
+        if shutil.which(tool) is None:
+            if CI:
+                pytest.fail(f"network test cannot run under CI: needs {tool}", pytrace=False)
+            pytest.skip(f"needs {tool}")
+
+
 _skipped: list[str] = []
 
 
@@ -154,6 +164,19 @@ def guests():
     for guest in made:
         guest.close()
         guest.interface.close()
+
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+
+
+def assert_golden(name: str, text: str) -> None:
+    """Compare generated text with tests/golden/NAME; UPDATE_GOLDEN=1 rewrites it."""
+    path = GOLDEN / name
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+    assert path.exists(), f"{path} missing: run with UPDATE_GOLDEN=1"
+    assert text == path.read_text(), f"{name} differs from the golden file (UPDATE_GOLDEN=1 to accept)"
 
 
 def repo_root() -> Path:

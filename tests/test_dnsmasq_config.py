@@ -17,7 +17,8 @@ from vmnet_broker.backends.linux import dnsmasq
 from vmnet_broker.backends.linux.dnsmasq import Dnsmasq, DnsmasqError, DnsmasqSpec
 from vmnet_broker.config import Reservation
 
-GOLDEN = Path(__file__).parent / "golden"
+from .conftest import assert_golden
+
 STATE = Path("/var/lib/vmnet-broker")
 
 SHARED = DnsmasqSpec(
@@ -62,15 +63,6 @@ NO_DNS = DnsmasqSpec(
     dns_servers=(IPv4Address("192.0.2.53"),),
     ipv6_prefix=IPv6Network("fd00:7::/64"),
 )
-
-
-def assert_golden(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if os.environ.get("UPDATE_GOLDEN") == "1":
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(text)
-    assert path.exists(), f"{path} missing: run with UPDATE_GOLDEN=1"
-    assert text == path.read_text(), f"{name} differs from the golden file (UPDATE_GOLDEN=1 to accept)"
 
 
 def lines(spec: DnsmasqSpec) -> list[str]:

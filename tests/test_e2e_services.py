@@ -25,17 +25,12 @@ from vmnet_broker.guest import Guest
 from vmnet_broker.sandbox import Namespace, unique_name
 
 from . import netlab
-from .conftest import CI, broker_links, require_network
+from .conftest import broker_links, require_tools
 from .netlab import INTERNET, UPLINK
 
 
 def require_services() -> None:
-    require_network()
-    for tool in ("nft", "dnsmasq", "busybox"):
-        if shutil.which(tool) is None:
-            if CI:
-                pytest.fail(f"network test cannot run under CI: needs {tool}", pytrace=False)
-            pytest.skip(f"needs {tool}")
+    require_tools("nft", "dnsmasq", "busybox")
 
 
 class World:

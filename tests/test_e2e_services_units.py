@@ -10,9 +10,7 @@ port of a bridge.  The units run inside the broker namespace through a small
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import sys
 import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +21,7 @@ import pytest
 from vmnet_broker.sandbox import Namespace, unique_name
 
 from . import netlab
-from .conftest import CI, require_network
+from .conftest import require_tools as _require_tools
 
 pytestmark = pytest.mark.network
 
@@ -43,12 +41,7 @@ printf '{"ip": "%s", "router": "%s", "dns": "%s", "domain": "%s", "mtu": "%s"}' 
 
 
 def require_tools() -> None:
-    require_network()
-    for tool in ("nft", "dnsmasq", "busybox"):
-        if shutil.which(tool) is None:
-            if CI:
-                pytest.fail(f"network test cannot run under CI: needs {tool}", pytrace=False)
-            pytest.skip(f"needs {tool}")
+    _require_tools("nft", "dnsmasq", "busybox")
 
 
 class Lab:

@@ -7,7 +7,6 @@ rules' effect on real traffic is checked in test_e2e_services_units.py.
 import json
 import os
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
-from pathlib import Path
 
 import pytest
 
@@ -15,7 +14,8 @@ from vmnet_broker.backends.linux import firewall
 from vmnet_broker.backends.linux.firewall import FirewallError, FirewallNetwork
 from vmnet_broker.config import PortForward
 
-GOLDEN = Path(__file__).parent / "golden"
+from .conftest import assert_golden
+
 
 SHARED = FirewallNetwork(
     name="shared",
@@ -32,15 +32,6 @@ HOST = FirewallNetwork(name="host", bridge="vmb-br1", mode="host", subnet=IPv4Ne
 UPLINK = FirewallNetwork(
     name="lab", bridge="vmb-br2", mode="shared", subnet=IPv4Network("10.77.0.0/16"), external_interface="eth1"
 )
-
-
-def assert_golden(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if os.environ.get("UPDATE_GOLDEN") == "1":
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(text)
-    assert path.exists(), f"{path} missing: run with UPDATE_GOLDEN=1"
-    assert text == path.read_text(), f"{name} differs from the golden file (UPDATE_GOLDEN=1 to accept)"
 
 
 def commands(batch):

@@ -14,9 +14,9 @@ import json
 import logging
 import pwd
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .protocol import normalize_mac, ProtocolError
 
@@ -319,22 +319,20 @@ def _port_forwards(value: Any, subnet: ipaddress.IPv4Network | None) -> tuple[Po
 
 
 def _user(value: Any) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, str):
-        try:
-            return pwd.getpwnam(value).pw_uid
-        except KeyError:
-            raise ConfigError(f"'allowed_users': no user named {value!r}") from None
-    raise ConfigError(f"'allowed_users': {value!r} is neither a user name nor a uid")
+    return _account_id(value, "allowed_users", "user", lambda name: pwd.getpwnam(name).pw_uid)
 
 
 def _group(value: Any) -> int:
+    return _account_id(value, "allowed_groups", "group", lambda name: grp.getgrnam(name).gr_gid)
+
+
+def _account_id(value: Any, key: str, kind: str, lookup: Callable[[str], int]) -> int:
+    """A uid or gid given as a number or a name (looked up now, at load time)."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     if isinstance(value, str):
         try:
-            return grp.getgrnam(value).gr_gid
+            return lookup(value)
         except KeyError:
-            raise ConfigError(f"'allowed_groups': no group named {value!r}") from None
-    raise ConfigError(f"'allowed_groups': {value!r} is neither a group name nor a gid")
+            raise ConfigError(f"'{key}': no {kind} named {value!r}") from None
+    raise ConfigError(f"'{key}': {value!r} is neither a {kind} name nor an id")
