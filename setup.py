@@ -5,18 +5,17 @@ import sys
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
 
-if sys.platform == "darwin":
-    sources = ["csrc/module.cpp", "csrc/darwin/listener.cpp", "csrc/darwin/vmnet.cpp"]
-    extra = {"extra_compile_args": ["-fblocks"], "extra_link_args": ["-framework", "vmnet"]}
-else:
-    sources = [
-        "csrc/module.cpp",
-        "csrc/linux/listener.cpp",
-        "csrc/linux/netlink.cpp",
-        "csrc/linux/tap.cpp",
-        "csrc/linux/pump.cpp",
-    ]
-    extra = {"extra_compile_args": ["-Wall", "-Wextra"]}
+if sys.platform != "linux":
+    # The macOS backend (XPC listener, vmnet networks) is not written yet.
+    sys.exit(f"vmnet-broker: building on {sys.platform} is not supported yet; Linux only")
+
+sources = [
+    "csrc/module.cpp",
+    "csrc/linux/listener.cpp",
+    "csrc/linux/netlink.cpp",
+    "csrc/linux/tap.cpp",
+    "csrc/linux/pump.cpp",
+]
 
 setup(
     ext_modules=[
@@ -25,7 +24,7 @@ setup(
             sorted(sources),
             include_dirs=["csrc"],
             cxx_std=17,
-            **extra,
+            extra_compile_args=["-Wall", "-Wextra"],
         )
     ],
     cmdclass={"build_ext": build_ext},
