@@ -429,3 +429,39 @@ def test_status_cli_reports_a_missing_broker(tmp_path):
 def test_serve_is_ready_quickly(broker):
     print(f"serve -> ready socket: {broker.ready_seconds * 1000:.0f} ms")
     assert broker.ready_seconds < 10
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_out_of_fds_the_broker_neither_spins_nor_drops_its_clients(start_broker):
+    broker = start_broker(wrapper=("prlimit", "--nofile=48"))
+    with Client(broker.socket_path) as keeper:
+        kept = keeper.attach("shared")
+        kept.close()
+        flood = []
+        try:
+            for _ in range(80):  # more than the broker has fds for
+                flood.append(WireClient(broker.socket_path, timeout=2))
+            before = cpu_seconds(broker.pid)
+            time.sleep(1.0)
+            # Backing off, not spinning on a listener it cannot accept from.
+            assert cpu_seconds(broker.pid) - before < 0.5
+            (net,) = keeper.status().networks
+            assert net.interfaces == 1
+        finally:
+            for c in flood:
+                c.close()
+        assert "accept failed" in broker.log()
+        # Once fds are free again, new clients are served.
+        assert wait_for(lambda: _can_connect(broker.socket_path), 5)
+
+
+def _can_connect(path: str) -> bool:
+    try:
+        with Client(path, timeout=1) as client:
+            return client.status().peers >= 1
+    except Exception:
+        return False

@@ -96,6 +96,7 @@ class BrokerProcess:
         log_level: str = "debug",
         namespace: Namespace | None = None,
         extra_args: tuple[str, ...] = (),
+        wrapper: tuple[str, ...] = (),
     ) -> None:
         self.workdir = Path(workdir)
         self.socket_path = str(self.workdir / "broker.sock")
@@ -107,6 +108,7 @@ class BrokerProcess:
         self.namespace = namespace or Namespace(unique_name("vmbb"))
         self._own_namespace = namespace is None
         self.extra_args = extra_args
+        self.wrapper = wrapper  # e.g. ("prlimit", "--nofile=64") before the command
         self.process: subprocess.Popen[Any] | None = None
         self.ready_seconds: float | None = None
 
@@ -120,7 +122,7 @@ class BrokerProcess:
         ]  # fmt: skip
         if self.config_dir is not None:
             cmd += ["--config-dir", str(self.config_dir)]
-        return cmd + list(self.extra_args)
+        return list(self.wrapper) + cmd + list(self.extra_args)
 
     def start(self, timeout: float = 15) -> BrokerProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,8 @@ MAX_QUEUED_REPLIES = 64
 # Packets handled per wake-up of one connection, so one busy client cannot
 # starve the others.
 MAX_PACKETS_PER_WAKEUP = 32
+# How long to stop accepting after accept() failed (out of fds, usually).
+ACCEPT_BACKOFF = 0.1
 
 
 def peer_groups(pid: int) -> frozenset[int]:
@@ -53,16 +55,18 @@ class _Client:
         self._set_reading(True)
 
     def _set_reading(self, on: bool) -> None:
-        if on != self.reading:
-            loop = self.server.loop
-            loop.add_reader(self.fd, self._readable) if on else loop.remove_reader(self.fd)
-            self.reading = on
+        if on and not self.reading:
+            self.server.loop.add_reader(self.fd, self._readable)
+        elif self.reading and not on:
+            self.server.loop.remove_reader(self.fd)
+        self.reading = on
 
     def _set_writing(self, on: bool) -> None:
-        if on != self.writing:
-            loop = self.server.loop
-            loop.add_writer(self.fd, self._flush) if on else loop.remove_writer(self.fd)
-            self.writing = on
+        if on and not self.writing:
+            self.server.loop.add_writer(self.fd, self._flush)
+        elif self.writing and not on:
+            self.server.loop.remove_writer(self.fd)
+        self.writing = on
 
     def _readable(self) -> None:
         for _ in range(MAX_PACKETS_PER_WAKEUP):
@@ -118,6 +122,7 @@ class Server:
         self.listener = listener
         self.loop = loop
         self.clients: set[_Client] = set()
+        self.closed = False
 
     def start(self) -> None:
         self.loop.add_reader(self.listener.fileno(), self._accept)
@@ -127,8 +132,13 @@ class Server:
         for _ in range(MAX_PACKETS_PER_WAKEUP):
             try:
                 conn = self.listener.accept()
-            except OSError as e:  # EMFILE and friends: log, keep serving others
-                log.error("accept failed: %s", e)
+            except OSError as e:
+                # EMFILE and friends: the pending connection stays queued and
+                # the socket stays readable, so pause accepting instead of
+                # spinning, and keep serving the clients we have.
+                log.error("accept failed: %s; pausing accepts for %g s", e, ACCEPT_BACKOFF)
+                self.loop.remove_reader(self.listener.fileno())
+                self.loop.call_later(ACCEPT_BACKOFF, self._resume_accepting)
                 return
             if conn is None:
                 return
@@ -137,7 +147,12 @@ class Server:
             self.clients.add(client)
             client.start()
 
+    def _resume_accepting(self) -> None:
+        if not self.closed:
+            self.loop.add_reader(self.listener.fileno(), self._accept)
+
     def close(self) -> None:
+        self.closed = True
         self.loop.remove_reader(self.listener.fileno())
         for client in list(self.clients):
             client.close()
