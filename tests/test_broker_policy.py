@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from vmnet_broker.backends.base import CreateError
-from vmnet_broker.broker import MAX_PEER_NETWORKS, Broker
+from vmnet_broker.broker import MAX_PEER_INTERFACES, MAX_PEER_NETWORKS, Broker
 from vmnet_broker.config import BUILTINS, parse_network
 
 
@@ -199,3 +199,15 @@ def test_shutdown_removes_everything(setup):
     broker.shutdown()
     assert {("destroy", "shared"), ("destroy", "host"), ("detach", "if1")} <= set(backend.log)
     assert backend.log[-1] == ("close",)
+
+
+def test_interface_limit_per_connection_is_7_and_creates_nothing(setup):
+    broker, backend, _ = setup
+    peer = broker.connect(1, 0, 0)
+    for _ in range(MAX_PEER_INTERFACES):
+        assert "interface" in call(broker, peer, command="attach", network_name="shared")
+    reply = call(broker, peer, command="attach", network_name="host")
+    assert reply["error"] == 7 and "at most" in reply["message"]
+    assert ("create", "host") not in backend.log
+    # Another connection is not affected.
+    assert "interface" in call(broker, broker.connect(2, 0, 0), command="attach", network_name="shared")

@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 # Upstream's MAX_PEER_NETWORKS: distinct networks one connection may hold.
 MAX_PEER_NETWORKS = 8
+# Ours: interfaces one connection may own, so a runaway client cannot fill
+# the host with TAP devices.  Far above what one launcher's VMs need.
+MAX_PEER_INTERFACES = 64
 DEFAULT_IDLE_TIMEOUT = 120.0
 
 
@@ -216,6 +219,8 @@ class Broker:
         return net
 
     def _attach(self, peer: Peer, cmd: Attach) -> InterfaceHandle:
+        if len(peer.interfaces) >= MAX_PEER_INTERFACES:
+            raise _Refused(Code.INTERNAL_ERROR, f"a connection may own at most {MAX_PEER_INTERFACES} interfaces")
         net = self._acquire(peer, cmd.network_name)
         try:
             iface = self._backend.create_interface(net.handle, cmd)
