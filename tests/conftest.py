@@ -63,6 +63,12 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         _skipped.append(report.nodeid)
 
 
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    # A module-level pytest.skip() never reaches logreport.
+    if report.skipped:
+        _skipped.append(report.nodeid)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if CI and _skipped and session.exitstatus == 0:
         session.exitstatus = 1
@@ -136,8 +142,8 @@ def start_broker(network, tmp_path):
     yield start
 
     problems = []
-    for broker in brokers:
-        try:
+    try:
+        for broker in brokers:
             if broker.process is not None and broker.process.poll() is None:
                 code = broker.stop()
                 if code != 0:
@@ -146,7 +152,9 @@ def start_broker(network, tmp_path):
                     left = broker_links(broker.namespace)
                     if left:
                         problems.append(f"broker left links after SIGTERM: {left}")
-        finally:
+    finally:
+        # Only now: brokers may share a namespace, and closing one kills all inside.
+        for broker in brokers:
             broker.namespace.close()
     assert not problems, "\n".join(problems)
 

@@ -6,6 +6,7 @@ the same scenarios run end to end against a real broker in test_e2e_*.py.
 
 import asyncio
 import json
+import os
 from dataclasses import dataclass, field
 
 import pytest

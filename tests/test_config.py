@@ -118,3 +118,13 @@ def test_access_control_root_always_and_lists_otherwise():
     assert cfg.allows(1000, {1000})
     assert cfg.allows(1001, {2000, 1001})
     assert not cfg.allows(1001, {1001})
+
+
+def test_a_host_port_forwarded_by_two_networks_keeps_the_first(tmp_path, caplog):
+    forward = {"proto": "tcp", "host_port": 8080, "guest_port": 80}
+    (tmp_path / "a.json").write_text(json.dumps({"subnet": "192.168.61.0", "port_forwards": [dict(forward, guest_ip="192.168.61.9")]}))
+    (tmp_path / "b.json").write_text(json.dumps({"subnet": "192.168.62.0", "port_forwards": [dict(forward, guest_ip="192.168.62.9")]}))
+    with caplog.at_level(logging.ERROR):
+        nets = config.load_config_dir(tmp_path)
+    assert "a" in nets and "b" not in nets
+    assert "tcp/8080 is already used by network 'a'" in caplog.text

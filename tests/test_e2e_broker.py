@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from vmnet_broker import Client, NotFound, InternalError
+from vmnet_broker import Client, CreateFailed, InternalError, NotFound
 from vmnet_broker.errors import Code
 
 from .conftest import broker_links, links_in
@@ -389,7 +389,7 @@ def test_restart_after_sigkill_removes_the_dead_brokers_links(start_broker):
         client.attach("host", kind="dgram").close()
         broker.stop(signal.SIGKILL)
     assert len(broker_links(broker.namespace)) >= 2
-    second = start_broker(namespace=broker.namespace)
+    second = start_broker(namespace=broker.namespace, workdir=broker.workdir)
     assert broker_links(second.namespace) == []
     assert "removed leftover" in second.log()
 
@@ -465,3 +465,72 @@ def _can_connect(path: str) -> bool:
             return client.status().peers >= 1
     except Exception:
         return False
+
+
+def test_an_empty_packet_is_an_invalid_request_not_a_goodbye(broker):
+    with WireClient(broker.socket_path) as c:
+        c.call({"command": "acquire", "network_name": "host"})
+        reply = c.call(b"")
+        assert reply["error"] == Code.INVALID_REQUEST
+        (net,) = c.call({"command": "status"})["status"]["networks"]
+        assert net["peers"] == 1
+
+
+def test_pipelined_attach_then_release_still_delivers_the_fds(broker):
+    with WireClient(broker.socket_path) as c:
+        c.send({"command": "attach", "network_name": "shared", "queues": 2})
+        c.send({"command": "release", "network_name": "shared"})
+        attach, fds = c.recv()
+        release, _ = c.recv()
+        try:
+            assert "interface" in attach and len(fds) == 2 and release == {}
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+def test_a_failed_attach_takes_no_reference(start_broker):
+    broker = start_broker(wrapper=("prlimit", "--nofile=40"))
+    with Client(broker.socket_path) as hog, Client(broker.socket_path) as other:
+        failed = None
+        for _ in range(40):  # until the broker runs out of fds
+            try:
+                hog.attach("shared", queues=4).close()
+            except CreateFailed as e:
+                failed = e
+                break
+        assert failed is not None and failed.code == 6
+        with pytest.raises(CreateFailed):
+            other.attach("shared", queues=16)  # more fds than the hog left free
+        (net,) = hog.status().networks
+        assert net.peers == 1  # the hog only: `other` holds nothing
+
+
+def test_a_second_broker_in_the_same_namespace_refuses_to_start(broker, tmp_path):
+    with Client(broker.socket_path) as client:
+        client.attach("shared").close()
+        second = subprocess.run(
+            broker.namespace.exec_args(
+                [sys.executable, "-m", "vmnet_broker", "serve", "--socket", str(tmp_path / "other.sock"),
+                 "--state-dir", str(tmp_path / "other-state")]
+            ),
+            capture_output=True, text=True, timeout=20,
+        )  # fmt: skip
+        assert second.returncode == 1 and "another vmnet-broker is running" in second.stderr
+        # The first broker's network and interface are untouched.
+        (net,) = client.status().networks
+        assert net.interfaces == 1 and len(broker_links(broker.namespace)) == 2
+
+
+def test_a_broker_does_not_take_over_a_live_brokers_socket(broker, tmp_path):
+    from vmnet_broker.sandbox import Namespace
+
+    with Namespace() as other:
+        second = subprocess.run(
+            other.exec_args([sys.executable, "-m", "vmnet_broker", "serve", "--socket", broker.socket_path,
+                             "--state-dir", str(tmp_path / "other-state")]),
+            capture_output=True, text=True, timeout=20,
+        )  # fmt: skip
+    assert second.returncode == 1 and "listening on" in second.stderr
+    with Client(broker.socket_path) as client:
+        client.status()

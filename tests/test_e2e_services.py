@@ -121,15 +121,21 @@ def test_shared_guest_reaches_the_outside_through_nat(start, world, guests):
         # The outside sees the broker's address, not the guest's.
         assert netlab.connect(guest.namespace, INTERNET, 7000) == UPLINK
         assert netlab.connect(guest.namespace, INTERNET, 7001, udp=True) == UPLINK
-        assert lease["router"] == client.acquire_network("shared").gateway
-    # Nothing from the outside reaches into the shared network unasked.
-    assert "FAIL" in netlab.connect(world.internet, lease["ip"], 22, timeout=1)
+        net = client.acquire_network("shared")
+        assert lease["router"] == net.gateway
+        # Nothing from the outside reaches into the shared network unasked,
+        # even for an outside that knows the route to it.
+        netlab.serve(guest.namespace, 2222)
+        world.internet.ip("route", "add", f"{net.subnet}/24", "via", UPLINK)
+        assert "FAIL" in netlab.connect(world.internet, lease["ip"], 2222, timeout=1)
 
 
 def test_host_guest_cannot_reach_the_outside(start, world, guests):
     broker = start()
     netlab.serve(world.internet, 7000)
     with Client(broker.socket_path) as client:
+        # A shared network too, so forwarding is on: the rules must stop it.
+        client.acquire_network("shared")
         net = client.acquire_network("host")
         guest = attach_guest(client, guests, "host")
         lease = guest.dhcp()
@@ -137,6 +143,10 @@ def test_host_guest_cannot_reach_the_outside(start, world, guests):
         guest.namespace.ip("route", "add", "default", "via", net.gateway)
         assert guest.ping(net.gateway)
         assert "FAIL" in netlab.connect(guest.namespace, INTERNET, 7000, timeout=1)
+        # Nor in: an outside that routes to the host network gets nowhere.
+        netlab.serve(guest.namespace, 2222)
+        world.internet.ip("route", "add", f"{net.subnet}/24", "via", UPLINK)
+        assert "FAIL" in netlab.connect(world.internet, lease["ip"], 2222, timeout=1)
         # The host's other addresses are the host: reachable.
         assert guest.ping(UPLINK)
 
@@ -385,7 +395,9 @@ def test_a_killed_dnsmasq_is_restarted_and_leases_keep_working(start, guests):
         os.kill(old, signal.SIGKILL)
         new = wait_for(lambda: (p := dnsmasq_pid(broker, "shared")) and p != old and process_alive(p) and p, 5)
         assert new, broker.log()[-2000:]
-        # The lease file survived: the same guest gets the same address back.
+        # The lease file survived the restart, and renewing works.
+        leases = Path(broker.state_dir) / "dnsmasq-shared.leases"
+        assert guest.mac in leases.read_text()
         assert guest.dhcp()["ip"] == first
         other = attach_guest(client, guests, "shared").dhcp()["ip"]
         assert other != first

@@ -50,8 +50,9 @@ class Connection:
 
         ``truncated`` is true when the packet was longer than ``MAX_MESSAGE``
         (``data`` is then its first ``MAX_MESSAGE`` bytes).  Any fds the
-        client attached are closed.  Raises ``ConnectionClosed`` on EOF or
-        ECONNRESET.
+        client attached are closed.  An empty packet from a connected peer
+        comes back as ``(b"", False)``.  Raises ``ConnectionClosed`` on EOF
+        or ECONNRESET.
         """
     def send(self, data: bytes, fds: Sequence[int] = ()) -> None:
         """Send one packet with ``fds`` attached as ``SCM_RIGHTS``.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,18 +64,34 @@ class _Network:
 
 @dataclass
 class Reply:
-    """What the transport sends back: one packet, maybe with fds."""
+    """What the transport sends back: one packet, maybe with fds.
+
+    The fds are the reply's own duplicates, taken when the request was
+    handled: a pipelined ``detach`` or ``release`` that runs before this
+    reply leaves cannot take them away.
+    """
 
     data: bytes
-    interface: InterfaceHandle | None = None  # whose fds ride along
-
-    def fds(self) -> list[int]:
-        return self.interface.fds() if self.interface else []
+    fds: list[int] = field(default_factory=list)
 
     def sent(self) -> None:
-        """The packet left (or could not): our copies of the fds close."""
-        if self.interface is not None:
-            self.interface.handed_over()
+        """The packet left (or never will): close the reply's fds."""
+        fds, self.fds = self.fds, []
+        for fd in fds:
+            os.close(fd)
+
+
+def _dup_all(fds: list[int]) -> list[int]:
+    """Duplicates of ``fds``, all or none (EMFILE half-way closes the rest)."""
+    dups: list[int] = []
+    try:
+        for fd in fds:
+            dups.append(os.dup(fd))
+    except OSError:
+        for fd in dups:
+            os.close(fd)
+        raise
+    return dups
 
 
 class _Refused(Exception):
@@ -162,8 +179,8 @@ class Broker:
             net = self._acquire(peer, cmd.network_name)
             return Reply(protocol.encode_reply({"network": net.handle.info()}, req))
         if isinstance(cmd, Attach):
-            iface = self._attach(peer, cmd)
-            return Reply(protocol.encode_reply({"interface": iface.info()}, req), iface)
+            iface, fds = self._attach(peer, cmd)
+            return Reply(protocol.encode_reply({"interface": iface.info()}, req), fds)
         if isinstance(cmd, Detach):
             self._detach(peer, cmd.interface)
             return Reply(protocol.encode_reply({}, req))
@@ -218,20 +235,29 @@ class Broker:
         )  # fmt: skip
         return net
 
-    def _attach(self, peer: Peer, cmd: Attach) -> InterfaceHandle:
+    def _attach(self, peer: Peer, cmd: Attach) -> tuple[InterfaceHandle, list[int]]:
         if len(peer.interfaces) >= MAX_PEER_INTERFACES:
             raise _Refused(Code.INTERNAL_ERROR, f"a connection may own at most {MAX_PEER_INTERFACES} interfaces")
+        held = cmd.network_name in peer.networks
         net = self._acquire(peer, cmd.network_name)
         try:
             iface = self._backend.create_interface(net.handle, cmd)
-        except CreateError as e:
-            raise _Refused(Code.CREATE_FAILURE, str(e)) from e
-        except OSError as e:
-            raise _Refused(Code.CREATE_FAILURE, f"cannot create interface: {e}") from e
+            try:
+                fds = _dup_all(iface.fds())
+            except OSError:
+                self._backend.destroy_interface(iface)
+                raise
+            iface.handed_over()
+        except (CreateError, OSError) as e:
+            # A failed attach leaves the peer holding what it held before.
+            if not held:
+                self._release(peer, cmd.network_name)
+            detail = str(e) if isinstance(e, CreateError) else f"cannot create interface: {e}"
+            raise _Refused(Code.CREATE_FAILURE, detail) from e
         peer.interfaces[iface.name] = iface
         net.interfaces[iface.name] = (peer, iface)
         log.info("%s attached %s %s to network %r", peer, cmd.kind, iface.name, net.name)
-        return iface
+        return iface, fds
 
     def _detach(self, peer: Peer, name: str) -> None:
         if name not in peer.interfaces:
@@ -239,6 +265,7 @@ class Broker:
         self._destroy_interface(peer, name)
 
     def _destroy_interface(self, peer: Peer, name: str) -> None:
+        # Forget it first: even if the backend fails, it is no longer ours.
         iface = peer.interfaces.pop(name)
         for net in self._networks.values():
             net.interfaces.pop(name, None)
@@ -249,7 +276,10 @@ class Broker:
         net = self._networks[name]
         for iface_name, (owner, _) in list(net.interfaces.items()):
             if owner is peer:
-                self._destroy_interface(peer, iface_name)
+                try:
+                    self._destroy_interface(peer, iface_name)
+                except Exception:  # keep releasing: a stuck peer would pin the network
+                    log.exception("%s: removing interface %s failed", peer, iface_name)
         peer.networks.discard(name)
         net.peers.discard(peer)
         log.info("%s released network %r (%d peer(s) left)", peer, name, len(net.peers))

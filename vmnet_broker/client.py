@@ -120,11 +120,13 @@ class Client:
 
     ``socket_path`` defaults to ``$VMNET_BROKER_SOCKET``, then
     ``/run/vmnet-broker/broker.sock``.  Methods raise ``BrokerError``
-    subclasses carrying the protocol's ``code``.  Safe to share between
+    subclasses carrying the protocol's ``code``; ``ConnectionFailed`` (a
+    broken connection or a reply not received within ``timeout``) closes the
+    connection, and with it everything it held.  Safe to share between
     threads: one request is in flight at a time.
     """
 
-    def __init__(self, socket_path: str | None = None, *, timeout: float | None = 30.0) -> None:
+    def __init__(self, socket_path: str | None = None, *, timeout: float | None = 60.0) -> None:
         self.socket_path = socket_path or default_socket_path()
         self._lock = threading.Lock()
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -233,6 +235,9 @@ class Client:
                 self._sock.sendall(data)
                 reply_data, fds = self._receive()
             except OSError as e:
+                # After a timeout the late reply would answer the next request:
+                # the connection is unusable (and closing it releases what it held).
+                self._sock.close()
                 raise ConnectionFailed(f"broker connection failed: {e.strerror or e}") from e
         try:
             reply = json.loads(reply_data)

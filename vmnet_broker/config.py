@@ -16,7 +16,8 @@ import pwd
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from .protocol import normalize_mac, ProtocolError
 
@@ -181,12 +182,25 @@ def load_config_dir(path: str | Path | None) -> dict[str, NetworkConfig]:
     for file in sorted(directory.glob("*.json")):
         try:
             obj = json.loads(file.read_text(encoding="utf-8"))
-            networks[file.stem] = parse_network(file.stem, obj, source=str(file))
+            config = parse_network(file.stem, obj, source=str(file))
+            _check_host_ports(config, (n for name, n in networks.items() if name != file.stem))
+            networks[file.stem] = config
         except (OSError, UnicodeDecodeError, ValueError) as e:
             # ConfigError and json.JSONDecodeError are both ValueErrors.
             log.error("config %s: %s; network %r is not offered", file, e, file.stem)
             networks.pop(file.stem, None)
     return networks
+
+
+def _check_host_ports(config: NetworkConfig, others: Iterable[NetworkConfig]) -> None:
+    """One host port forwards to one guest: the first file (by name) keeps it."""
+    for other in others:
+        for mine in config.port_forwards:
+            for theirs in other.port_forwards:
+                if (mine.proto, mine.host_port) == (theirs.proto, theirs.host_port):
+                    raise ConfigError(
+                        f"port forward {mine.proto}/{mine.host_port} is already used by network {other.name!r}"
+                    )
 
 
 # -- field validators ---------------------------------------------------------

@@ -12,6 +12,7 @@ import asyncio
 import grp
 import logging
 import os
+import resource
 import signal
 import socket
 import time
@@ -28,6 +29,7 @@ from .server import Server
 log = logging.getLogger(__name__)
 
 DEFAULT_STATE_DIR = "/var/lib/vmnet-broker"
+NAMESPACE_LOCK = "\0vmnet-broker"  # abstract: one broker per network namespace
 SD_LISTEN_FDS_START = 3
 
 
@@ -66,13 +68,62 @@ def _notify(state: str) -> None:
         log.debug("sd_notify failed: %s", e)
 
 
+class AlreadyRunning(Exception):
+    """Another broker owns this network namespace or this socket path."""
+
+
+def _claim_namespace() -> socket.socket:
+    """Hold the broker's name in this network namespace for our lifetime.
+
+    Abstract Unix socket names belong to the network namespace, so binding
+    one is a lock that a second broker here cannot take, and the kernel
+    releases it when we die however we die.  Without it, a second broker's
+    start-up cleanup would remove the first one's networks.
+    """
+    lock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        lock.bind(NAMESPACE_LOCK)
+    except OSError as e:
+        lock.close()
+        raise AlreadyRunning("another vmnet-broker is running in this network namespace") from e
+    return lock
+
+
+def _check_socket_free(path: str) -> None:
+    """Refuse to replace a socket file that a live broker still answers on."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(path)
+    except OSError:
+        return  # nothing there, or a stale file from a dead broker
+    finally:
+        probe.close()
+    raise AlreadyRunning(f"another vmnet-broker is listening on {path}")
+
+
+def _raise_fd_limit() -> None:
+    """Every TAP, dnsmasq pipe and client costs an fd: take the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _gid(group: str) -> int:
     return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
 
 
 def serve(options: Options) -> int:
     """Run the broker until SIGINT or SIGTERM; 0 after a clean shutdown."""
-    return asyncio.run(_serve(options))
+    try:
+        lock = _claim_namespace()
+        if os.environ.get("LISTEN_PID") != str(os.getpid()):
+            _check_socket_free(options.socket_path)
+    except AlreadyRunning as e:
+        log.error("%s; not starting", e)
+        return 1
+    with lock:
+        _raise_fd_limit()
+        return asyncio.run(_serve(options))
 
 
 async def _serve(options: Options) -> int:
@@ -112,6 +163,7 @@ async def _serve(options: Options) -> int:
             try:
                 server.close()
             except Exception as e:
+                log.exception("closing the listener")
                 errors.append(e)
         try:
             broker.shutdown()

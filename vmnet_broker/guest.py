@@ -28,7 +28,7 @@ class Guest:
         self.interface = interface
         self.namespace = Namespace(name or unique_name("vmbg"))
         self._tap: Any = None  # _native.Tap in the guest namespace
-        self._pump: Any = None
+        self._pumps: list[Any] = []
         self._etc = Path("/etc/netns") / self.namespace.name
 
     @property
@@ -46,7 +46,9 @@ class Guest:
             self.namespace.ip(
                 "link", "set", "eth0", "address", self.mac, "mtu", str(self.interface.mtu), "up"
             )
-            self._pump = _native.Pump(self.interface.fileno(), self._tap.fds()[0])
+            # One pump per queue: a multiqueue TAP spreads flows over its
+            # queues, and a queue nobody reads loses its frames.
+            self._pumps = [_native.Pump(fd, self._tap.fds()[0]) for fd in self.interface.fds]
         except BaseException:
             self.close()
             raise
@@ -101,12 +103,17 @@ class Guest:
         return self.run(*cmd, timeout=count * timeout + 10, check=check).returncode == 0
 
     def stats(self) -> dict[str, int]:
-        return self._pump.stats() if self._pump else {}
+        """The pumps' counters, summed over queues (a = the attachment side)."""
+        total: dict[str, int] = {}
+        for pump in self._pumps:
+            for key, value in pump.stats().items():
+                total[key] = total.get(key, 0) + value
+        return total
 
     def close(self) -> None:
-        if self._pump is not None:
-            self._pump.stop()
-            self._pump = None
+        for pump in self._pumps:
+            pump.stop()
+        self._pumps = []
         if self._tap is not None:
             self._tap.close()
             self._tap = None

@@ -8,6 +8,7 @@ tests, and the broker can trust what it is handed.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Union
@@ -101,6 +102,9 @@ def parse_request(data: bytes, truncated: bool = False) -> Request:
     request_id = obj.get("id")
     if not isinstance(request_id, (str, int, float, bool, type(None))):
         raise _invalid("'id' must be a JSON scalar")
+    if isinstance(request_id, float) and not math.isfinite(request_id):
+        # 1e400 parses as inf, which has no JSON spelling to echo back.
+        raise _invalid("'id' must be a finite number")
 
     try:
         command = _parse_command(obj)
@@ -116,8 +120,7 @@ def _string(obj: dict[str, Any], key: str) -> str:
         if key not in obj:
             raise _invalid(f"missing '{key}'")
         raise _invalid(f"'{key}' must be a string")
-    if not value:
-        raise _invalid(f"'{key}' must not be empty")
+    # An empty name is well-formed, just not found (5), as upstream answers.
     return value
 
 
@@ -182,7 +185,7 @@ def encode_reply(body: dict[str, Any], request: Request | None = None) -> bytes:
     reply = dict(body)
     if request is not None and request.has_id:
         reply["id"] = request.id
-    return json.dumps(reply, separators=(",", ":")).encode()
+    return json.dumps(reply, separators=(",", ":"), allow_nan=False).encode()
 
 
 def encode_error(code: int, message: str | None = None, request_id: Scalar = None, has_id: bool = False) -> bytes:
@@ -191,4 +194,4 @@ def encode_error(code: int, message: str | None = None, request_id: Scalar = Non
         reply["message"] = message
     if has_id:
         reply["id"] = request_id
-    return json.dumps(reply, separators=(",", ":")).encode()
+    return json.dumps(reply, separators=(",", ":"), allow_nan=False).encode()

@@ -87,7 +87,7 @@ class _Client:
         while self.outbox and not self.closed:
             reply = self.outbox[0]
             try:
-                self.conn.send(reply.data, reply.fds())
+                self.conn.send(reply.data, reply.fds)
             except BlockingIOError:
                 break
             except (_native.ConnectionClosed, OSError):
@@ -154,6 +154,11 @@ class Server:
     def close(self) -> None:
         self.closed = True
         self.loop.remove_reader(self.listener.fileno())
-        for client in list(self.clients):
-            client.close()
-        self.listener.close()
+        try:
+            for client in list(self.clients):
+                try:
+                    client.close()
+                except Exception:  # one client's cleanup must not strand the rest
+                    log.exception("%s: cleanup failed", client.peer)
+        finally:
+            self.listener.close()

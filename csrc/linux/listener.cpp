@@ -1,6 +1,7 @@
 #include "linux/listener.hpp"
 
 #include <fcntl.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -15,6 +16,16 @@
 namespace vmb {
 
 namespace {
+
+// True when the peer closed or shut down its end (no more packets will come).
+bool peer_gone(int fd) {
+  pollfd p{fd, POLLRDHUP, 0};
+  int r;
+  do {
+    r = ::poll(&p, 1, 0);
+  } while (r < 0 && errno == EINTR);
+  return r < 0 || (p.revents & (POLLRDHUP | POLLHUP | POLLERR)) != 0;
+}
 
 // SCM_MAX_FD in the kernel: more fds on one sendmsg() is EINVAL.
 constexpr std::size_t kKernelMaxFds = 253;
@@ -172,9 +183,9 @@ std::optional<Message> Connection::recv() {
       if (saved == ECONNRESET) throw ConnectionClosedError(saved, "recv: connection reset by peer");
       throw SysError(saved, "recv");
     }
-    // A zero-length packet reads like EOF too; the protocol has no empty
-    // requests, so it is treated as one.
-    if (n == 0) throw ConnectionClosedError(0, "recv: connection closed by peer");
+    // A zero-length packet reads like EOF.  It is a malformed request, not a
+    // goodbye: only a peer that is really gone sets POLLRDHUP/POLLHUP.
+    if (n == 0 && peer_gone(fd)) throw ConnectionClosedError(0, "recv: connection closed by peer");
 
     bool truncated = static_cast<std::size_t>(n) > kMaxMessage || (msg.msg_flags & MSG_TRUNC);
     data.resize(std::min(static_cast<std::size_t>(n), kMaxMessage));

@@ -22,10 +22,10 @@ class InterfaceHandle(Protocol):
         """The ``interface`` object of an ``attach`` reply."""
 
     def fds(self) -> list[int]:
-        """The fds to hand to the client with the reply."""
+        """The fds to hand to the client (the reply takes duplicates)."""
 
     def handed_over(self) -> None:
-        """The reply carrying ``fds()`` was sent (or dropped): close our copies."""
+        """The reply holds its duplicates of ``fds()``: drop what we need no more."""
 
 
 class Backend(Protocol):

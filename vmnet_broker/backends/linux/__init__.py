@@ -19,6 +19,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -154,7 +155,10 @@ class LinuxBackend:
             undo.pop_all()
 
         self._networks[config.name] = net
-        self._remembered.remember(config.name, subnet=subnet, ipv6_prefix=prefix)
+        try:
+            self._remembered.remember(config.name, subnet=subnet, ipv6_prefix=prefix)
+        except OSError as e:  # the network works; it may just be renumbered after a restart
+            log.error("cannot remember the subnet of %r in %s: %s", config.name, self.state_dir, e)
         return net
 
     def destroy_network(self, net: LinuxNetwork) -> None:
@@ -194,7 +198,8 @@ class LinuxBackend:
         specs = [n.firewall_spec() for n in nets]
         try:
             firewall.apply(specs)
-        except (firewall.FirewallError, OSError) as e:
+        except (firewall.FirewallError, ValueError, OSError, subprocess.SubprocessError) as e:
+            # ValueError: rules that cannot coexist (a host port forwarded twice).
             raise CreateError(f"nftables: {e}") from e
         for key, value in firewall.sysctls(specs).items():
             _write_sysctl(key, value)
@@ -213,9 +218,13 @@ class LinuxBackend:
             server.start()
         except (dnsmasq.DnsmasqError, OSError) as e:
             raise CreateError(f"dnsmasq for {net.config.name!r}: {e}") from e
+        try:
+            if self._loop is not None:
+                server.watch(self._loop, lambda: self._dnsmasq_exited(net, server))
+        except OSError as e:
+            server.stop()
+            raise CreateError(f"dnsmasq for {net.config.name!r}: cannot watch it: {e}") from e
         net.dnsmasq = server
-        if self._loop is not None:
-            server.watch(self._loop, lambda: self._dnsmasq_exited(net, server))
         log.info("network %r: dnsmasq pid %s", net.config.name, server.pid)
 
     def _stop_dnsmasq(self, net: LinuxNetwork) -> None:

@@ -28,17 +28,28 @@ def free_bridge_name(existing: set[str]) -> str:
 
 
 def random_mac() -> str:
-    """A random locally administered unicast MAC address."""
-    octets = bytearray(os.urandom(6))
-    octets[0] = (octets[0] & 0xFC) | 0x02
-    return ":".join(f"{b:02x}" for b in octets)
+    """A random locally administered unicast MAC address.
+
+    Never ``fe:`` or ``fa:`` first: those are the host sides' (below).
+    """
+    while True:
+        octets = bytearray(os.urandom(6))
+        octets[0] = (octets[0] & 0xFC) | 0x02
+        if octets[0] not in HOST_SIDE_FIRST_OCTETS:
+            return ":".join(f"{b:02x}" for b in octets)
+
+
+HOST_SIDE_FIRST_OCTETS = (0xFE, 0xFA)
 
 
 def host_side_mac(guest_mac: str) -> str:
     """The TAP device's own MAC for a guest MAC, as libvirt does (``fe:`` first).
 
     The TAP is the host's end of the cable; if it carried the guest's MAC, the
-    bridge would treat frames for the guest as its own.  ``fe`` also keeps the
-    bridge from adopting a port's MAC as its address.
+    bridge would treat frames for the guest as its own and never deliver
+    them.  So the two must differ: ``fe``, or ``fa`` for a guest MAC that
+    itself starts with ``fe``.  ``fe`` also keeps the bridge from adopting a
+    port's MAC as its address.
     """
-    return "fe" + guest_mac[2:]
+    first = "fa" if guest_mac.startswith("fe") else "fe"
+    return first + guest_mac[2:]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import os
 import socket
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +66,7 @@ class Interface:
     _tap: Any = field(repr=False)  # _native.Tap, its fds until handed over
     _client_end: socket.socket | None = field(default=None, repr=False)
     _pump: Any = field(default=None, repr=False)  # _native.Pump for dgram
+    _keepalive: int | None = field(default=None, repr=False)  # one TAP queue fd, after handover
 
     def info(self) -> dict[str, Any]:
         return {
@@ -83,12 +85,17 @@ class Interface:
         return self._tap.fds()
 
     def handed_over(self) -> None:
-        # The client has its end of a dgram socketpair now.  TAP fds we keep:
-        # the interface belongs to the connection, not to whoever holds the
-        # fd, so it must outlive a VMM that closed it until detach or disconnect.
+        # The client's end of a dgram socketpair is the client's now.  Of a
+        # TAP we keep one queue fd: the interface belongs to the connection,
+        # so it must outlive a VMM that closed its fds, until detach or
+        # disconnect; one fd is enough to keep the device, all queues' fds
+        # would cost 16 per interface.  A dgram TAP lives in the pump's dup.
         if self._client_end is not None:
             self._client_end.close()
             self._client_end = None
+        if self.kind == "tap" and self._keepalive is None:
+            self._keepalive = os.dup(self._tap.fds()[0])
+        self._tap.close()
 
     def stats(self) -> dict[str, int] | None:
         return self._pump.stats() if self._pump is not None else None
@@ -98,8 +105,13 @@ class Interface:
         delete_link_quietly(self.name)
         if self._pump is not None:
             self._pump.stop()
-        self.handed_over()
+        if self._client_end is not None:
+            self._client_end.close()
+            self._client_end = None
         self._tap.close()
+        if self._keepalive is not None:
+            os.close(self._keepalive)
+            self._keepalive = None
 
 
 def create_interface(bridge: str, network_name: str, mtu: int, request: Attach) -> Interface:
