@@ -145,6 +145,10 @@ void bind_netlink(py::module_& m) {
         "Enslave ``name`` to bridge ``master`` (\"\" releases it).");
   m.def("set_mtu", &vmb::set_mtu, py::arg("name"), py::arg("mtu"), nogil());
   m.def("set_mac", &vmb::set_mac, py::arg("name"), py::arg("mac"), nogil());
+  m.def("set_group", &vmb::set_group, py::arg("name"), py::arg("group"), nogil(),
+        "Put a link in a link group (IFLA_GROUP).");
+  m.def("delete_group", &vmb::delete_group, py::arg("group"), nogil(),
+        "Delete every link of ``group`` in one batch; ``FileNotFoundError`` if none.");
   m.def("delete_link", &vmb::delete_link, py::arg("name"), nogil(),
         "Delete a link; ``FileNotFoundError`` (ENODEV) if it does not exist.");
   m.def("list_links", &vmb::list_links, py::arg("prefix") = "", nogil(),

@@ -63,8 +63,9 @@ class RecordingBackend:
         self.log.append(("attach", request.network_name))
         return FakeIface(f"if{self.n}")
 
-    def destroy_interface(self, iface):
-        self.log.append(("detach", iface.name))
+    def destroy_interfaces(self, ifaces):
+        for iface in ifaces:
+            self.log.append(("detach", iface.name))
 
     def close(self):
         self.log.append(("close",))

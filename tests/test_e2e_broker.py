@@ -338,20 +338,23 @@ CHILD = textwrap.dedent(
     import sys, time
     from vmnet_broker import Client
     client = Client(sys.argv[1])
-    names = [client.attach("shared").name, client.attach("shared", kind="dgram").name]
+    names = []
+    for i in range(int(sys.argv[2])):
+        names.append(client.attach("shared" if i % 2 else "host", kind="dgram" if i % 3 else "tap").name)
     print(" ".join(names), flush=True)
     time.sleep(60)
     """
 )
 
 
-def test_killed_client_has_its_interfaces_removed_within_a_second(broker):
+@pytest.mark.parametrize("count", [2, 64])  # 64: the most one connection may own
+def test_killed_client_has_its_interfaces_removed_within_a_second(broker, count):
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, broker.socket_path], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", CHILD, broker.socket_path, str(count)], stdout=subprocess.PIPE, text=True
     )
     try:
         names = child.stdout.readline().split()
-        assert len(names) == 2 and set(names) <= set(broker_links(broker.namespace))
+        assert len(names) == count and set(names) <= set(broker_links(broker.namespace))
         child.send_signal(signal.SIGKILL)
         child.wait(5)
         killed = time.monotonic()
@@ -363,8 +366,8 @@ def test_killed_client_has_its_interfaces_removed_within_a_second(broker):
         child.wait()
         child.stdout.close()
     with Client(broker.socket_path) as client:
-        (net,) = client.status().networks
-        assert net.peers == 0 and net.interfaces == 0
+        for net in client.status().networks:
+            assert net.peers == 0 and net.interfaces == 0
 
 
 def test_sigterm_removes_everything_and_exits_0(broker):

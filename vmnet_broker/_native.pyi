@@ -84,6 +84,11 @@ def set_mtu(name: str, mtu: int) -> None: ...
 def set_mac(name: str, mac: str) -> None: ...
 def delete_link(name: str) -> None:
     """Delete a link; ``FileNotFoundError`` (ENODEV) if it does not exist."""
+def set_group(name: str, group: int) -> None:
+    """Put a link in a link group (``IFLA_GROUP``)."""
+def delete_group(group: int) -> None:
+    """Delete every link of ``group`` in one request (one unregistration
+    batch: ~1 ms a TAP instead of ~20); ``FileNotFoundError`` if none."""
 def list_links(prefix: str = "") -> list[Link]:
     """All links whose name starts with ``prefix``, in ifindex order."""
 def list_routes(family: int) -> list[tuple[str, int, int]]:

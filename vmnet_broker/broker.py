@@ -146,6 +146,8 @@ class Broker:
         if peer not in self._peers:
             return
         self._peers.discard(peer)
+        # All its interfaces in one batch first: that is what takes time.
+        self._destroy_interfaces(peer, list(peer.interfaces))
         held = sorted(peer.networks)
         for name in held:
             self._release(peer, name)
@@ -245,7 +247,7 @@ class Broker:
             try:
                 fds = _dup_all(iface.fds())
             except OSError:
-                self._backend.destroy_interface(iface)
+                self._backend.destroy_interfaces([iface])
                 raise
             iface.handed_over()
         except (CreateError, OSError) as e:
@@ -262,24 +264,25 @@ class Broker:
     def _detach(self, peer: Peer, name: str) -> None:
         if name not in peer.interfaces:
             raise _Refused(Code.NOT_FOUND, f"this connection has no interface {name!r}")
-        self._destroy_interface(peer, name)
+        self._destroy_interfaces(peer, [name])
 
-    def _destroy_interface(self, peer: Peer, name: str) -> None:
-        # Forget it first: even if the backend fails, it is no longer ours.
-        iface = peer.interfaces.pop(name)
+    def _destroy_interfaces(self, peer: Peer, names: list[str]) -> None:
+        if not names:
+            return
+        # Forget them first: even if the backend fails, they are no longer ours.
+        ifaces = [peer.interfaces.pop(name) for name in names]
         for net in self._networks.values():
-            net.interfaces.pop(name, None)
-        self._backend.destroy_interface(iface)
-        log.info("%s: removed interface %s", peer, name)
+            for name in names:
+                net.interfaces.pop(name, None)
+        try:
+            self._backend.destroy_interfaces(ifaces)
+        except Exception:  # keep going: a stuck interface must not pin a network
+            log.exception("%s: removing interface(s) %s failed", peer, ", ".join(names))
+        log.info("%s: removed interface(s) %s", peer, ", ".join(names))
 
     def _release(self, peer: Peer, name: str) -> None:
         net = self._networks[name]
-        for iface_name, (owner, _) in list(net.interfaces.items()):
-            if owner is peer:
-                try:
-                    self._destroy_interface(peer, iface_name)
-                except Exception:  # keep releasing: a stuck peer would pin the network
-                    log.exception("%s: removing interface %s failed", peer, iface_name)
+        self._destroy_interfaces(peer, [n for n, (owner, _) in net.interfaces.items() if owner is peer])
         peer.networks.discard(name)
         net.peers.discard(peer)
         log.info("%s released network %r (%d peer(s) left)", peer, name, len(net.peers))

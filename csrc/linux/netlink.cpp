@@ -449,6 +449,24 @@ void delete_link(const std::string& name) {
   sock.transact(req, "delete link", name);
 }
 
+void set_group(const std::string& name, uint32_t group) {
+  check_name(name, "set group");
+  Socket sock;
+  Request req = link_request(RTM_SETLINK, 0, name);
+  req.attr_u32(IFLA_GROUP, group);
+  sock.transact(req, "set group", name);
+}
+
+void delete_group(uint32_t group) {
+  // No index and no name: the kernel deletes every link of the group in one
+  // batch, paying the unregistration's RCU grace periods once, not per link.
+  Socket sock;
+  Request req(RTM_DELLINK, static_cast<uint16_t>(NLM_F_ACK));
+  req.put(link_header());
+  req.attr_u32(IFLA_GROUP, group);
+  sock.transact(req, "delete group", "group " + std::to_string(group));
+}
+
 std::vector<Link> list_links(const std::string& prefix) {
   Socket sock;
   std::vector<Link> links = dump_links(sock);

@@ -2,6 +2,7 @@
 // network namespace. Each call opens its own NETLINK_ROUTE socket.
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -40,6 +41,10 @@ void set_mtu(const std::string& name, int mtu);
 void set_mac(const std::string& name, const std::string& mac);
 // ENODEV if the link does not exist.
 void delete_link(const std::string& name);
+// Puts a link in a link group (IFLA_GROUP).
+void set_group(const std::string& name, uint32_t group);
+// Deletes every link of `group` in one request; ENODEV if the group is empty.
+void delete_group(uint32_t group);
 // Links whose name starts with `prefix`, in ifindex order.
 std::vector<Link> list_links(const std::string& prefix);
 // Every route of `family` (AF_INET or AF_INET6) in every table.

@@ -40,7 +40,8 @@ class Backend(Protocol):
 
     def create_interface(self, network: NetworkHandle, request: Attach) -> InterfaceHandle: ...
 
-    def destroy_interface(self, interface: InterfaceHandle) -> None: ...
+    def destroy_interfaces(self, interfaces: list[InterfaceHandle]) -> None:
+        """Destroy several at once (a client gone: its interfaces in one batch)."""
 
     def close(self) -> None:
         """Stop whatever the backend runs itself (after every network is gone)."""

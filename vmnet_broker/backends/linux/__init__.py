@@ -117,6 +117,7 @@ class LinuxBackend:
         self._loop = loop
         self._networks: dict[str, LinuxNetwork] = {}
         self._remembered = RememberedChoices(self.state_dir)
+        self._groups = names.link_groups()
 
     # -- leftovers --------------------------------------------------------------
 
@@ -184,8 +185,8 @@ class LinuxBackend:
         except OSError as e:
             raise CreateError(f"cannot create {request.kind} interface on {net.config.name!r}: {e}") from e
 
-    def destroy_interface(self, iface: network.Interface) -> None:
-        iface.destroy()
+    def destroy_interfaces(self, ifaces: list[network.Interface]) -> None:
+        network.destroy_interfaces(ifaces, next(self._groups))
 
     def close(self) -> None:
         for net in list(self._networks.values()):

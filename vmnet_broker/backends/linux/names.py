@@ -6,13 +6,17 @@ so anything the broker made can be found and removed.
 
 from __future__ import annotations
 
+import itertools
 import os
+from collections.abc import Iterator
 
 PREFIX = "vmb-"
 BRIDGE = PREFIX + "br"  # vmb-br0, vmb-br1, ...
 TAP_TEMPLATE = PREFIX + "t%d"  # a VM's TAP, fd handed to the client
 DGRAM_TEMPLATE = PREFIX + "d%d"  # the broker's TAP behind a dgram attachment
 NFT_TABLE = "vmnet_broker"
+# Link groups used to delete many TAPs in one batch ("vmb" + a counter).
+LINK_GROUP_BASE = 0x766D6200
 
 
 def is_ours(ifname: str) -> bool:
@@ -53,3 +57,8 @@ def host_side_mac(guest_mac: str) -> str:
     """
     first = "fa" if guest_mac.startswith("fe") else "fe"
     return first + guest_mac[2:]
+
+
+def link_groups() -> Iterator[int]:
+    """Fresh link-group ids, cycling through 256 of our own."""
+    return (LINK_GROUP_BASE + (n % 256) for n in itertools.count())

@@ -114,6 +114,33 @@ class Interface:
             self._keepalive = None
 
 
+def destroy_interfaces(ifaces: list[Interface], group: int) -> None:
+    """Destroy several interfaces, their TAPs deleted in one kernel batch.
+
+    Unregistering a link waits for RCU grace periods: ~20 ms a TAP one by
+    one, ~1 ms each in a batch (measured: 30 TAPs, 687 ms vs 26 ms).  That is
+    what keeps a dead client's interfaces gone within a second.
+    """
+    if len(ifaces) > 1:
+        try:
+            for iface in ifaces:
+                try:
+                    _native.set_group(iface.name, group)
+                except FileNotFoundError:
+                    pass  # already gone
+            _native.delete_group(group)
+        except OSError as e:  # e.g. EOPNOTSUPP: fall back to one by one below
+            log.debug("batch delete of %d interfaces failed: %s", len(ifaces), e)
+    errors = []
+    for iface in ifaces:
+        try:
+            iface.destroy()
+        except OSError as e:
+            errors.append(e)
+    if errors:
+        raise errors[0]
+
+
 def create_interface(bridge: str, network_name: str, mtu: int, request: Attach) -> Interface:
     mac = request.mac or names.random_mac()
     template = names.DGRAM_TEMPLATE if request.kind == "dgram" else names.TAP_TEMPLATE
