@@ -402,3 +402,41 @@ def test_a_killed_dnsmasq_is_restarted_and_leases_keep_working(start, guests):
         other = attach_guest(client, guests, "shared").dhcp()["ip"]
         assert other != first
     assert "dnsmasq (pid" in broker.log() and "restarting" in broker.log()
+
+
+# -- configuration keys end to end ---------------------------------------------------------
+
+
+def test_external_interface_pins_the_nat_uplink(start, world, guests):
+    broker = start(config={"pinned": {"subnet": "192.168.81.0", "external_interface": "up0"},
+                           "elsewhere": {"subnet": "192.168.82.0", "external_interface": "wan9"}})  # fmt: skip
+    netlab.serve(world.internet, 7000)
+    with Client(broker.socket_path) as client:
+        pinned = attach_guest(client, guests, "pinned")
+        elsewhere = attach_guest(client, guests, "elsewhere")
+        pinned.dhcp()
+        elsewhere.dhcp()
+        assert netlab.connect(pinned.namespace, INTERNET, 7000) == UPLINK
+        # Its uplink is wan9, not up0: nothing leaves by the default route.
+        assert "FAIL" in netlab.connect(elsewhere.namespace, INTERNET, 7000, timeout=1)
+
+
+def test_dns_servers_domain_and_switches_reach_the_network(start, world, guests):
+    broker = start(
+        config={
+            "lab": {"mode": "host", "subnet": "192.168.83.0", "dns_servers": [INTERNET], "domain": "lab.example"},
+            "quiet": {"mode": "host", "subnet": "192.168.84.0", "dhcp": False, "dns": False},
+        }
+    )
+    with Client(broker.socket_path) as client:
+        vm = attach_guest(client, guests, "lab")
+        lease = vm.dhcp(hostname="db")
+        assert lease["domain"] == "lab.example"
+        # A host network forwards to its configured servers only.
+        assert INTERNET in nslookup(vm, "outside.test", "192.168.83.1")
+        assert lease["ip"] in nslookup(vm, "db.lab.example", "192.168.83.1")
+        quiet = attach_guest(client, guests, "quiet")
+        with pytest.raises(RuntimeError, match="no DHCP lease"):
+            quiet.dhcp(timeout=2)
+    sockets = world.broker_ns.run("ss", "-H", "-lun").stdout
+    assert "192.168.83.1:53" in sockets and "192.168.84.1:53" not in sockets
