@@ -87,6 +87,11 @@ def our_namespaces() -> set[str]:
     return {n for n in names if n.startswith(OUR_NETNS_PREFIXES) and n[4:].startswith(tag)}
 
 
+def broker_locks() -> set[str]:
+    directory = Path("/run/vmnet-broker")
+    return {p.name for p in directory.glob("netns-*.lock")} if directory.is_dir() else set()
+
+
 def root_links() -> set[str]:
     out = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True).stdout
     return {link["ifname"] for link in json.loads(out or "[]")}
@@ -98,13 +103,14 @@ def nothing_left_behind():
     if _missing():
         yield
         return
-    before_ns, before_links = our_namespaces(), root_links()
+    before_ns, before_links, before_locks = our_namespaces(), root_links(), broker_locks()
     yield
     assert our_namespaces() - before_ns == set(), "tests left network namespaces behind"
     tag = f"{os.getpid() % 100000}-"
     etc = [p.name for p in Path("/etc/netns").glob(f"vmb*{tag}*")] if Path("/etc/netns").is_dir() else []
     assert etc == [], f"tests left /etc/netns entries behind: {etc}"
     assert root_links() - before_links == set(), "tests left links in the root namespace"
+    assert broker_locks() - before_locks == set(), "a broker was killed and never restarted: its lock file is left"
 
 
 @pytest.fixture

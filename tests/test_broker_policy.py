@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from vmnet_broker.backends.base import CreateError
-from vmnet_broker.broker import MAX_PEER_INTERFACES, MAX_PEER_NETWORKS, Broker
+from vmnet_broker.broker import MAX_CONNECTIONS_PER_USER, MAX_PEER_INTERFACES, MAX_PEER_NETWORKS, Broker
 from vmnet_broker.config import BUILTINS, parse_network
 
 
@@ -213,3 +213,14 @@ def test_interface_limit_per_connection_is_7_and_creates_nothing(setup):
     assert ("create", "host") not in backend.log
     # Another connection is not affected.
     assert "interface" in call(broker, broker.connect(2, 0, 0), command="attach", network_name="shared")
+
+
+def test_connections_per_user_are_capped_but_not_for_root(setup):
+    broker, _, _ = setup
+    for pid in range(MAX_CONNECTIONS_PER_USER):
+        broker.connect(pid, 1000, 1000)
+    with pytest.raises(ConnectionRefusedError):
+        broker.connect(9999, 1000, 1000)
+    broker.connect(10000, 1001, 1001)  # another user
+    for pid in range(MAX_CONNECTIONS_PER_USER + 1):
+        broker.connect(20000 + pid, 0, 0)  # root

@@ -310,13 +310,13 @@ def test_release_removes_the_peers_interfaces(start_broker):
 
 
 def test_idle_network_is_removed_after_the_timeout(start_broker):
-    broker = start_broker(idle_timeout=0.5)
+    broker = start_broker(idle_timeout=2)
     with Client(broker.socket_path) as client:
         bridge = client.acquire_network("shared").bridge
     with Client(broker.socket_path) as watcher:
         (net,) = watcher.status().networks
-        assert net.peers == 0 and 0 < net.idle_expires_in <= 0.5
-        assert wait_for(lambda: not watcher.status().networks, 3)
+        assert net.peers == 0 and 0 < net.idle_expires_in <= 2
+        assert wait_for(lambda: not watcher.status().networks, 5)
     assert bridge not in broker_links(broker.namespace)
 
 
@@ -331,6 +331,8 @@ def test_reacquire_before_the_timeout_cancels_removal_and_returns_the_same_netwo
         (net,) = client.status().networks
         assert net.idle_expires_in is None and net.peers == 1
     assert (again.subnet, again.bridge) == (first.subnet, first.bridge)
+    # The same network, not a new one that looks alike.
+    assert "removal cancelled" in broker.log() and "removed network" not in broker.log()
 
 
 CHILD = textwrap.dedent(
@@ -434,13 +436,8 @@ def test_serve_is_ready_quickly(broker):
     assert broker.ready_seconds < 10
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def test_out_of_fds_the_broker_neither_spins_nor_drops_its_clients(start_broker):
-    broker = start_broker(wrapper=("prlimit", "--nofile=48"))
+    broker = start_broker(wrapper=("prlimit", "--nofile=48"))  # logs at debug level
     with Client(broker.socket_path) as keeper:
         kept = keeper.attach("shared")
         kept.close()
@@ -448,18 +445,20 @@ def test_out_of_fds_the_broker_neither_spins_nor_drops_its_clients(start_broker)
         try:
             for _ in range(80):  # more than the broker has fds for
                 flood.append(WireClient(broker.socket_path, timeout=2))
-            before = cpu_seconds(broker.pid)
+            time.sleep(0.2)
+            before = broker.log().count("accept failed")
             time.sleep(1.0)
-            # Backing off, not spinning on a listener it cannot accept from.
-            assert cpu_seconds(broker.pid) - before < 0.5
+            # Backing off (~10 tries a second), not spinning on a listener it
+            # cannot accept from (thousands): counted, so load cannot blur it.
+            assert 0 < broker.log().count("accept failed") - before < 30
             (net,) = keeper.status().networks
             assert net.interfaces == 1
         finally:
             for c in flood:
                 c.close()
-        assert "accept failed" in broker.log()
         # Once fds are free again, new clients are served.
         assert wait_for(lambda: _can_connect(broker.socket_path), 5)
+    assert "accepting connections again" in broker.log()
 
 
 def _can_connect(path: str) -> bool:
@@ -519,7 +518,7 @@ def test_a_second_broker_in_the_same_namespace_refuses_to_start(broker, tmp_path
             ),
             capture_output=True, text=True, timeout=20,
         )  # fmt: skip
-        assert second.returncode == 1 and "another vmnet-broker is running" in second.stderr
+        assert second.returncode == 1 and "is running in this network namespace" in second.stderr
         # The first broker's network and interface are untouched.
         (net,) = client.status().networks
         assert net.interfaces == 1 and len(broker_links(broker.namespace)) == 2
@@ -537,3 +536,29 @@ def test_a_broker_does_not_take_over_a_live_brokers_socket(broker, tmp_path):
     assert second.returncode == 1 and "listening on" in second.stderr
     with Client(broker.socket_path) as client:
         client.status()
+
+
+def test_the_namespace_lock_cannot_be_squatted_by_an_unprivileged_user(start_broker):
+    from vmnet_broker.sandbox import Namespace
+
+    ns = Namespace().create()  # start_broker's teardown closes it, after the broker
+    # An unprivileged process holding the broker's old abstract-socket name,
+    # or anything else it can create, does not keep the broker from starting:
+    # the lock lives in a root-only directory.
+    squatter = ns.popen(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c",
+         "import socket,time; s=socket.socket(socket.AF_UNIX); s.bind('\\0vmnet-broker'); print('ok', flush=True); time.sleep(30)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    broker = None
+    try:
+        assert squatter.stdout.readline().strip() == "ok"
+        broker = start_broker(namespace=ns)
+        with Client(broker.socket_path) as client:
+            client.status()
+    finally:
+        squatter.kill()
+        squatter.wait()
+        squatter.stdout.close()
+        if broker is None:
+            ns.close()  # otherwise start_broker's teardown does, after SIGTERM

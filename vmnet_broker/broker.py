@@ -31,6 +31,8 @@ MAX_PEER_NETWORKS = 8
 # Ours: interfaces one connection may own, so a runaway client cannot fill
 # the host with TAP devices.  Far above what one launcher's VMs need.
 MAX_PEER_INTERFACES = 64
+# Connections one non-root user may have open: each costs the broker fds.
+MAX_CONNECTIONS_PER_USER = 256
 DEFAULT_IDLE_TIMEOUT = 120.0
 
 
@@ -120,6 +122,9 @@ class Broker:
     # -- transport hooks ----------------------------------------------------------
 
     def connect(self, pid: int, uid: int, gid: int, groups: frozenset[int] = frozenset()) -> Peer:
+        """A new connection; ``ConnectionRefusedError`` if its user has too many."""
+        if uid != 0 and sum(1 for p in self._peers if p.uid == uid) >= MAX_CONNECTIONS_PER_USER:
+            raise ConnectionRefusedError(f"uid {uid} already has {MAX_CONNECTIONS_PER_USER} connections")
         peer = Peer(pid, uid, gid, groups | {gid})
         self._peers.add(peer)
         log.info("%s connected (uid %d, gid %d)", peer, uid, gid)
@@ -242,20 +247,28 @@ class Broker:
             raise _Refused(Code.INTERNAL_ERROR, f"a connection may own at most {MAX_PEER_INTERFACES} interfaces")
         held = cmd.network_name in peer.networks
         net = self._acquire(peer, cmd.network_name)
+        iface: InterfaceHandle | None = None
+        fds: list[int] = []
         try:
             iface = self._backend.create_interface(net.handle, cmd)
-            try:
-                fds = _dup_all(iface.fds())
-            except OSError:
-                self._backend.destroy_interfaces([iface])
-                raise
+            fds = _dup_all(iface.fds())
             iface.handed_over()
-        except (CreateError, OSError) as e:
-            # A failed attach leaves the peer holding what it held before.
+        except BaseException as e:
+            # A failed attach leaves nothing behind, and the peer holding
+            # what it held before.
+            for fd in fds:
+                os.close(fd)
+            if iface is not None:
+                try:
+                    self._backend.destroy_interfaces([iface])
+                except Exception:
+                    log.exception("%s: removing the half-made interface %s failed", peer, iface.name)
             if not held:
                 self._release(peer, cmd.network_name)
-            detail = str(e) if isinstance(e, CreateError) else f"cannot create interface: {e}"
-            raise _Refused(Code.CREATE_FAILURE, detail) from e
+            if isinstance(e, (CreateError, OSError)):
+                detail = str(e) if isinstance(e, CreateError) else f"cannot create interface: {e}"
+                raise _Refused(Code.CREATE_FAILURE, detail) from e
+            raise
         peer.interfaces[iface.name] = iface
         net.interfaces[iface.name] = (peer, iface)
         log.info("%s attached %s %s to network %r", peer, cmd.kind, iface.name, net.name)

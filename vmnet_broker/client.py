@@ -120,10 +120,12 @@ class Client:
 
     ``socket_path`` defaults to ``$VMNET_BROKER_SOCKET``, then
     ``/run/vmnet-broker/broker.sock``.  Methods raise ``BrokerError``
-    subclasses carrying the protocol's ``code``; ``ConnectionFailed`` (a
-    broken connection or a reply not received within ``timeout``) closes the
-    connection, and with it everything it held.  Safe to share between
-    threads: one request is in flight at a time.
+    subclasses carrying the protocol's ``code``.  ``ConnectionFailed`` (a
+    broken connection, or no reply within ``timeout``) and any exception that
+    interrupts a request close this client's socket; the broker releases what
+    the connection held once no process has it open (a child that inherited
+    ``fileno()`` keeps it).  Safe to share between threads: one request is in
+    flight at a time.
     """
 
     def __init__(self, socket_path: str | None = None, *, timeout: float | None = 60.0) -> None:
@@ -234,11 +236,14 @@ class Client:
             try:
                 self._sock.sendall(data)
                 reply_data, fds = self._receive()
-            except OSError as e:
-                # After a timeout the late reply would answer the next request:
-                # the connection is unusable (and closing it releases what it held).
+            except BaseException as e:
+                # A reply left unread (timeout, KeyboardInterrupt, a signal
+                # handler's exception) would answer the next request: the
+                # connection is unusable, so it is closed.
                 self._sock.close()
-                raise ConnectionFailed(f"broker connection failed: {e.strerror or e}") from e
+                if isinstance(e, OSError):
+                    raise ConnectionFailed(f"broker connection failed: {e.strerror or e}") from e
+                raise
         try:
             reply = json.loads(reply_data)
             if not isinstance(reply, dict):
@@ -285,4 +290,8 @@ def acquire_network(name: str) -> Network:
     with _default_lock:
         if _default_client is None:
             _default_client = Client()
-        return _default_client.acquire_network(name)
+        try:
+            return _default_client.acquire_network(name)
+        except ConnectionFailed:
+            _default_client = None  # the next call connects afresh
+            raise

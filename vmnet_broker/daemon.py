@@ -9,6 +9,7 @@ step in ``finally`` and reports the first error.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import grp
 import logging
 import os
@@ -29,7 +30,8 @@ from .server import Server
 log = logging.getLogger(__name__)
 
 DEFAULT_STATE_DIR = "/var/lib/vmnet-broker"
-NAMESPACE_LOCK = "\0vmnet-broker"  # abstract: one broker per network namespace
+LOCK_DIR = "/run/vmnet-broker"  # root-only: per-namespace lock files
+PROBE_TIMEOUT = 1.0
 SD_LISTEN_FDS_START = 3
 
 
@@ -72,28 +74,53 @@ class AlreadyRunning(Exception):
     """Another broker owns this network namespace or this socket path."""
 
 
-def _claim_namespace() -> socket.socket:
-    """Hold the broker's name in this network namespace for our lifetime.
+class NamespaceLock:
+    """One broker per network namespace, held for the broker's lifetime.
 
-    Abstract Unix socket names belong to the network namespace, so binding
-    one is a lock that a second broker here cannot take, and the kernel
-    releases it when we die however we die.  Without it, a second broker's
-    start-up cleanup would remove the first one's networks.
+    A second broker in the same namespace would take the first one's
+    networks for a crash's leftovers and remove them.  The lock is a
+    ``flock`` on a file named after the namespace's inode, in a directory
+    only root can write, so no unprivileged process can take it first; the
+    kernel drops it when the broker dies, however it dies.
     """
-    lock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    try:
-        lock.bind(NAMESPACE_LOCK)
-    except OSError as e:
-        lock.close()
-        raise AlreadyRunning("another vmnet-broker is running in this network namespace") from e
-    return lock
+
+    def __init__(self, directory: str = LOCK_DIR) -> None:
+        inode = os.stat("/proc/self/ns/net").st_ino
+        self.path = os.path.join(directory, f"netns-{inode}.lock")
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(self.fd, 32).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            raise AlreadyRunning(f"another vmnet-broker (pid {holder}) is running in this network namespace") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()}\n".encode())
+
+    def release(self) -> None:
+        os.unlink(self.path)
+        os.close(self.fd)
+
+    def __enter__(self) -> NamespaceLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def _check_socket_free(path: str) -> None:
-    """Refuse to replace a socket file that a live broker still answers on."""
+    """Refuse to replace a socket file that a live broker still owns.
+
+    A broker that accepts answers the connect; one that is stuck (stopped,
+    or its backlog full) makes it time out: both are alive.
+    """
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    probe.settimeout(PROBE_TIMEOUT)
     try:
         probe.connect(path)
+    except (TimeoutError, BlockingIOError):
+        raise AlreadyRunning(f"a vmnet-broker owns {path} but does not accept connections") from None
     except OSError:
         return  # nothing there, or a stale file from a dead broker
     finally:
@@ -115,13 +142,17 @@ def _gid(group: str) -> int:
 def serve(options: Options) -> int:
     """Run the broker until SIGINT or SIGTERM; 0 after a clean shutdown."""
     try:
-        lock = _claim_namespace()
-        if os.environ.get("LISTEN_PID") != str(os.getpid()):
-            _check_socket_free(options.socket_path)
+        lock = NamespaceLock()
     except AlreadyRunning as e:
         log.error("%s; not starting", e)
         return 1
     with lock:
+        if os.environ.get("LISTEN_PID") != str(os.getpid()):
+            try:
+                _check_socket_free(options.socket_path)
+            except AlreadyRunning as e:
+                log.error("%s; not starting", e)
+                return 1
         _raise_fd_limit()
         return asyncio.run(_serve(options))
 

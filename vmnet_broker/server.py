@@ -26,6 +26,9 @@ MAX_QUEUED_REPLIES = 64
 MAX_PACKETS_PER_WAKEUP = 32
 # How long to stop accepting after accept() failed (out of fds, usually).
 ACCEPT_BACKOFF = 0.1
+# fds held by replies queued for one client: past this, stop reading it, so
+# a client that never reads cannot pin the broker's fds.
+MAX_QUEUED_FDS = 64
 
 
 def peer_groups(pid: int) -> frozenset[int]:
@@ -68,9 +71,15 @@ class _Client:
             self.server.loop.remove_writer(self.fd)
         self.writing = on
 
+    def _backlogged(self) -> bool:
+        return (
+            len(self.outbox) >= MAX_QUEUED_REPLIES
+            or sum(len(reply.fds) for reply in self.outbox) >= MAX_QUEUED_FDS
+        )
+
     def _readable(self) -> None:
         for _ in range(MAX_PACKETS_PER_WAKEUP):
-            if self.closed or len(self.outbox) >= MAX_QUEUED_REPLIES:
+            if self.closed or self._backlogged():
                 break
             try:
                 packet = self.conn.recv()
@@ -98,7 +107,7 @@ class _Client:
         if self.closed:
             return
         self._set_writing(bool(self.outbox))
-        self._set_reading(len(self.outbox) < MAX_QUEUED_REPLIES)
+        self._set_reading(not self._backlogged())
 
     def close(self) -> None:
         if self.closed:
@@ -123,6 +132,7 @@ class Server:
         self.loop = loop
         self.clients: set[_Client] = set()
         self.closed = False
+        self.accept_failing = False
 
     def start(self) -> None:
         self.loop.add_reader(self.listener.fileno(), self._accept)
@@ -136,13 +146,23 @@ class Server:
                 # EMFILE and friends: the pending connection stays queued and
                 # the socket stays readable, so pause accepting instead of
                 # spinning, and keep serving the clients we have.
-                log.error("accept failed: %s; pausing accepts for %g s", e, ACCEPT_BACKOFF)
+                level = logging.DEBUG if self.accept_failing else logging.WARNING
+                log.log(level, "accept failed: %s; pausing accepts for %g s", e, ACCEPT_BACKOFF)
+                self.accept_failing = True
                 self.loop.remove_reader(self.listener.fileno())
                 self.loop.call_later(ACCEPT_BACKOFF, self._resume_accepting)
                 return
             if conn is None:
                 return
-            peer = self.broker.connect(conn.pid, conn.uid, conn.gid, peer_groups(conn.pid))
+            if self.accept_failing:
+                self.accept_failing = False
+                log.info("accepting connections again")
+            try:
+                peer = self.broker.connect(conn.pid, conn.uid, conn.gid, peer_groups(conn.pid))
+            except ConnectionRefusedError as e:
+                log.warning("peer %d refused: %s", conn.pid, e)
+                conn.close()
+                continue
             client = _Client(self, conn, peer)
             self.clients.add(client)
             client.start()
