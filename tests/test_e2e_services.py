@@ -298,16 +298,26 @@ def test_overlapping_configured_subnet_is_refused_with_6(start, world):
         assert client.status().networks == [] and client.acquire_network("shared")
 
 
-def test_a_network_keeps_its_subnet_across_restarts(start, world, tmp_path):
+def test_a_network_keeps_its_subnet_and_leases_across_restarts(start, world, tmp_path, guests):
     workdir = tmp_path / "persistent"
     first = start(workdir=workdir)
+    mac = "52:54:00:aa:bb:01"
     with Client(first.socket_path) as client:
         client.acquire_network("host")  # takes 192.168.105.0: shared is pushed on
         before = client.acquire_network("shared").subnet
+        guest = attach_guest(client, guests, "shared", mac=mac)
+        leased = guest.dhcp()["ip"]
     assert first.stop() == 0
+    leases = Path(first.state_dir) / "dnsmasq-shared.leases"
+    assert f"{mac} {leased}" in leases.read_text()
+
     second = start(workdir=workdir)
     with Client(second.socket_path) as client:
         assert client.acquire_network("shared").subnet == before
+        # The new dnsmasq loaded the old lease: it is in the file it rewrote.
+        assert f"{mac} {leased}" in leases.read_text()
+        again = attach_guest(client, guests, "shared", mac=mac)
+        assert again.dhcp()["ip"] == leased
 
 
 # -- access control --------------------------------------------------------------------------
