@@ -6,7 +6,6 @@ the same scenarios run end to end against a real broker in test_e2e_*.py.
 
 import asyncio
 import json
-import os
 from dataclasses import dataclass, field
 
 import pytest

@@ -130,10 +130,7 @@ def _forward_rules(networks: Sequence[FirewallNetwork]) -> list[dict[str, Any]]:
     for net in networks:
         if net.mode != "shared":
             continue
-        if net.external_interface:
-            out = _match(_meta("oifname"), net.external_interface)
-        else:
-            out = _match(_meta("oifname"), "@bridges", "!=")
+        out = _egress(net, _match(_meta("oifname"), "@bridges", "!="))
         rules.append(_rule("forward", _match(_meta("iifname"), net.bridge), _match(_ip("saddr"), _prefix(net.subnet)),
                            out, _ACCEPT, comment=f"{net.name}: out"))  # fmt: skip
         if net.ipv6_prefix is not None:
@@ -169,12 +166,9 @@ def _nat_rules(networks: Sequence[FirewallNetwork]) -> list[dict[str, Any]]:
     for net in networks:
         if net.mode != "shared":
             continue
-        if net.external_interface:
-            out = _match(_meta("oifname"), net.external_interface)
-        else:
-            # lo: a host process using the gateway address as source to reach
-            # another local address must keep it.
-            out = _match(_meta("oifname"), {"set": sorted([net.bridge, "lo"])}, "!=")
+        # lo: a host process using the gateway address as source to reach
+        # another local address must keep it.
+        out = _egress(net, _match(_meta("oifname"), {"set": sorted([net.bridge, "lo"])}, "!="))
         rules.append(_rule("postrouting", _match(_ip("saddr"), _prefix(net.subnet)), out, _MASQUERADE,
                            comment=f"{net.name}: NAT"))  # fmt: skip
         if net.ipv6_prefix is not None:
@@ -207,6 +201,13 @@ def _check_port_forwards(networks: Sequence[FirewallNetwork]) -> None:
 _ACCEPT: dict[str, Any] = {"accept": None}
 _DROP: dict[str, Any] = {"drop": None}
 _MASQUERADE: dict[str, Any] = {"masquerade": None}
+
+
+def _egress(net: FirewallNetwork, otherwise: dict[str, Any]) -> dict[str, Any]:
+    """Where a shared network's traffic may leave: its pinned uplink, or ``otherwise``."""
+    if net.external_interface:
+        return _match(_meta("oifname"), net.external_interface)
+    return otherwise
 
 
 def _set(name: str, kind: str | list[str], elements: list[Any]) -> dict[str, Any]:
