@@ -155,7 +155,10 @@ class Broker:
         self._destroy_interfaces(peer, list(peer.interfaces))
         held = sorted(peer.networks)
         for name in held:
-            self._release(peer, name)
+            try:
+                self._release(peer, name)
+            except Exception:  # the other networks must still be released
+                log.exception("%s: releasing network %r failed", peer, name)
         log.info("%s disconnected, released %d network(s)", peer, len(held))
 
     def shutdown(self) -> None:
