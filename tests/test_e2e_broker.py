@@ -562,3 +562,29 @@ def test_the_namespace_lock_cannot_be_squatted_by_an_unprivileged_user(start_bro
         squatter.stdout.close()
         if broker is None:
             ns.close()  # otherwise start_broker's teardown does, after SIGTERM
+
+
+def test_a_bad_config_file_is_logged_and_skipped_and_the_rest_offered(start_broker):
+    broker = start_broker(config={"lab": {"mode": "host", "subnet": "192.168.71.1"},
+                                  "typo": {"mode": "hots"}, "broken": "{not json"})  # fmt: skip
+    with Client(broker.socket_path) as client:
+        assert client.acquire_network("lab").subnet == "192.168.71.0"
+        for name in ("typo", "broken"):
+            with pytest.raises(NotFound):
+                client.acquire_network(name)
+        assert {"lab", "shared", "host"} <= set(client.status().raw["available"])
+    log = broker.log()
+    assert "typo.json: 'mode' must be one of shared, host, not 'hots'" in log
+    assert "broken.json:" in log and "network 'broken' is not offered" in log
+
+
+def test_serve_has_exactly_the_options_outside_tools_call():
+    out = subprocess.run(
+        [sys.executable, "-m", "vmnet_broker", "serve", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for option in ("--socket", "--config-dir", "--state-dir", "--idle-timeout", "--log-level"):
+        assert option in out
+    bad = subprocess.run(
+        [sys.executable, "-m", "vmnet_broker", "serve", "--idle-timeout", "soon"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "'soon' is not a number of seconds" in bad.stderr
