@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,11 @@ def require_tools(*tools: str) -> None:
             if CI:
                 pytest.fail(f"network test cannot run under CI: needs {tool}", pytrace=False)
             pytest.skip(f"needs {tool}")
+
+
+def require_services() -> None:
+    """The network services' daemons and the guests' DHCP client."""
+    require_tools("nft", "dnsmasq", "busybox")
 
 
 _skipped: list[str] = []
@@ -193,5 +199,12 @@ def assert_golden(name: str, text: str) -> None:
     assert text == path.read_text(), f"{name} differs from the golden file (UPDATE_GOLDEN=1 to accept)"
 
 
-def repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
+def wait_for(predicate, timeout: float, interval: float = 0.02):
+    """Poll ``predicate`` until it is truthy or ``timeout`` passes; its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(interval)
+    return predicate()

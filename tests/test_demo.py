@@ -5,7 +5,7 @@ import sys
 
 
 
-from .test_e2e_services import require_services
+from .conftest import require_services
 
 
 def test_demo_runs_and_cleans_up(network):

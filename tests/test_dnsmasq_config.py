@@ -270,9 +270,9 @@ def test_kill_leftovers_kills_only_dnsmasq_started_with_our_config(fake_dnsmasq,
         assert other.poll() is None
         assert list(state.glob("*.pid")) == [] and list(state.glob("*.conf")) == []
         deadline = time.monotonic() + 3
-        while dnsmasq._running(pid) and time.monotonic() < deadline:
+        while dnsmasq.process_running(pid) and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert not dnsmasq._running(pid)
+        assert not dnsmasq.process_running(pid)
     finally:
         other.kill()
         other.wait()

@@ -22,7 +22,7 @@ import pytest
 from vmnet_broker import Client, CreateFailed, InternalError, NotFound
 from vmnet_broker.errors import Code
 
-from .conftest import broker_links, links_in
+from .conftest import broker_links, links_in, wait_for
 from .wire import WireClient
 
 NINE = {f"net{i}": {"mode": "host"} for i in range(9)}
@@ -30,15 +30,6 @@ NINE = {f"net{i}": {"mode": "host"} for i in range(9)}
 
 def link(ns, name):
     return next(item for item in links_in(ns) if item["ifname"] == name)
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 # -- upstream's scenarios (test/test.bats) ---------------------------------------

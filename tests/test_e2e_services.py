@@ -15,22 +15,18 @@ import signal
 import subprocess
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
 from vmnet_broker import Client, CreateFailed
+from vmnet_broker.backends.linux.dnsmasq import process_running
 from vmnet_broker.guest import Guest
 from vmnet_broker.sandbox import Namespace, unique_name
 
 from . import netlab
-from .conftest import broker_links, require_tools
+from .conftest import broker_links, require_services, wait_for
 from .netlab import INTERNET, UPLINK
-
-
-def require_services() -> None:
-    require_tools("nft", "dnsmasq", "busybox")
 
 
 class World:
@@ -83,29 +79,11 @@ def nft_tables(ns: Namespace) -> str:
     return ns.run("nft", "list", "tables").stdout
 
 
-def process_alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
 def dnsmasq_pid(broker, name: str) -> int | None:
     try:
         return int((Path(broker.state_dir) / f"dnsmasq-{name}.pid").read_text())
     except (OSError, ValueError):
         return None
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(interval)
-    return predicate()
 
 
 # -- NAT and isolation -------------------------------------------------------------
@@ -371,13 +349,13 @@ def test_restart_after_kill_9_removes_everything_the_dead_broker_left(start, wor
         client.attach("host", kind="dgram").close()
         pids = [dnsmasq_pid(dead, "shared"), dnsmasq_pid(dead, "host")]
         dead.stop(signal.SIGKILL)
-    assert all(pids) and all(process_alive(p) for p in pids)
+    assert all(pids) and all(process_running(p) for p in pids)
     assert "vmnet_broker" in nft_tables(world.broker_ns) and broker_links(world.broker_ns)
 
     fresh = start(workdir=workdir)
     assert broker_links(world.broker_ns) == []
     assert "vmnet_broker" not in nft_tables(world.broker_ns)
-    assert wait_for(lambda: not any(process_alive(p) for p in pids), 3)
+    assert wait_for(lambda: not any(process_running(p) for p in pids), 3)
     log = fresh.log()
     assert "removed leftover dnsmasq" in log and "removed leftover nftables table" in log
     with Client(fresh.socket_path) as client:
@@ -393,7 +371,7 @@ def test_sigterm_leaves_no_bridge_table_or_dnsmasq(start, world, guests):
         assert broker.stop() == 0
     assert broker_links(world.broker_ns) == []
     assert "vmnet_broker" not in nft_tables(world.broker_ns)
-    assert not any(process_alive(p) for p in pids)
+    assert not any(process_running(p) for p in pids)
 
 
 def test_a_killed_dnsmasq_is_restarted_and_leases_keep_working(start, guests):
@@ -403,7 +381,7 @@ def test_a_killed_dnsmasq_is_restarted_and_leases_keep_working(start, guests):
         first = guest.dhcp()["ip"]
         old = dnsmasq_pid(broker, "shared")
         os.kill(old, signal.SIGKILL)
-        new = wait_for(lambda: (p := dnsmasq_pid(broker, "shared")) and p != old and process_alive(p) and p, 5)
+        new = wait_for(lambda: (p := dnsmasq_pid(broker, "shared")) and p != old and process_running(p) and p, 5)
         assert new, broker.log()[-2000:]
         # The lease file survived the restart, and renewing works.
         leases = Path(broker.state_dir) / "dnsmasq-shared.leases"

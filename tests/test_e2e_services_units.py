@@ -12,37 +12,21 @@ from __future__ import annotations
 import json
 import subprocess
 import textwrap
-import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
+from vmnet_broker.guest import dhcp_lease
 from vmnet_broker.sandbox import Namespace, unique_name
 
 from . import netlab
-from .conftest import require_tools as _require_tools
+from .conftest import require_services, wait_for
+from .netlab import INTERNET, UPLINK
 
 pytestmark = pytest.mark.network
 
 SHARED_BR, HOST_BR = "vmb-br0", "vmb-br1"
 SHARED_GW, HOST_GW, SHARED_V6GW = "192.168.105.1", "192.168.106.1", "fd00:1:2:3::1"
-UPLINK, INTERNET = "203.0.113.1", "203.0.113.2"
-
-# busybox udhcpc calls this with the offer in its environment.
-UDHCPC_SCRIPT = """#!/bin/sh
-[ "$1" = bound ] || exit 0
-ip -4 addr flush dev "$interface"
-ip addr add "$ip/$mask" dev "$interface"
-[ -n "$router" ] && ip route replace default via "${router%% *}"
-printf '{"ip": "%s", "router": "%s", "dns": "%s", "domain": "%s", "mtu": "%s"}' \\
-    "$ip" "$router" "$dns" "$domain" "$mtu" > "$LEASE_OUT"
-"""
-
-
-def require_tools() -> None:
-    _require_tools("nft", "dnsmasq", "busybox")
-
 
 class Lab:
     """The namespaces of one test; ``close`` removes them all, killing what runs inside."""
@@ -80,11 +64,7 @@ class Lab:
 
     def internet(self) -> Namespace:
         net = self.namespace()
-        self.broker.ip("link", "add", "up0", "type", "veth", "peer", "name", "up0", "netns", net.name)
-        for ns, v4, v6 in ((self.broker, UPLINK, "2001:db8::1"), (net, INTERNET, "2001:db8::2")):
-            ns.ip("addr", "add", f"{v4}/24", "dev", "up0")
-            ns.ip("addr", "add", f"{v6}/64", "dev", "up0", "nodad")
-            ns.ip("link", "set", "up0", "up")
+        netlab.make_internet(self.broker, net)
         return net
 
     def python(self, ns: Namespace, code: str, *args: str, **popen):
@@ -136,7 +116,7 @@ def tables(ns: Namespace) -> list[str]:
 
 
 def test_the_table_is_replaced_whole_on_every_apply_and_removed_by_delete(lab):
-    require_tools()
+    require_services()
     b = lab.broker
     lab.bridge(SHARED_BR, f"{SHARED_GW}/24")
     lab.python(b, FIREWALL, "apply")
@@ -152,7 +132,7 @@ def test_the_table_is_replaced_whole_on_every_apply_and_removed_by_delete(lab):
 
 
 def test_shared_network_reaches_out_through_nat_and_nothing_crosses_into_host_network(lab):
-    require_tools()
+    require_services()
     b = lab.broker
     lab.bridge(SHARED_BR, f"{SHARED_GW}/24", f"{SHARED_V6GW}/64")
     lab.bridge(HOST_BR, f"{HOST_GW}/24")
@@ -221,24 +201,16 @@ DNSMASQ = textwrap.dedent("""
 """)
 
 
-def lease(ns: Namespace, out: Path, *args: str) -> dict:
-    script = out.with_suffix(".sh")
-    script.write_text(UDHCPC_SCRIPT)
-    script.chmod(0o755)
-    ns.run("env", f"LEASE_OUT={out}", "busybox", "udhcpc", "-i", "eth0", "-n", "-q", "-f", "-O", "mtu",
-           "-s", str(script), *args, timeout=30)  # fmt: skip
-    return json.loads(out.read_text())
+LEASE_KEYS = ("ip", "router", "dns", "domain", "mtu")
 
 
-def wait_for(predicate, timeout: float):
-    deadline = time.monotonic() + timeout
-    while not predicate() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return predicate()
+def lease(ns: Namespace, hostname: str | None = None) -> dict:
+    got = dhcp_lease(ns, hostname)
+    return {key: got.get(key, "") for key in LEASE_KEYS}
 
 
 def test_dnsmasq_gives_leases_names_and_slaac_and_listens_only_on_its_bridge(lab, tmp_path):
-    require_tools()
+    require_services()
     b = lab.broker
     lab.bridge(SHARED_BR, f"{SHARED_GW}/24", f"{SHARED_V6GW}/64")
     lab.bridge(HOST_BR, f"{HOST_GW}/24")
@@ -267,13 +239,13 @@ def test_dnsmasq_gives_leases_names_and_slaac_and_listens_only_on_its_bridge(lab
         dhcp = [line.split()[4] for line in sockets if "dnsmasq" in line and line.split()[4].endswith(":67")]
         assert sorted(dhcp) == ["0.0.0.0%vmb-br0:67", "0.0.0.0%vmb-br1:67"]
 
-        got = lease(db, tmp_path / "db.json")
+        got = lease(db)
         assert got == {"ip": "192.168.105.50", "router": SHARED_GW, "dns": SHARED_GW,
                        "domain": "shared.internal", "mtu": "1400"}  # fmt: skip
         # New clients wait ~3 s: dnsmasq pings an address before offering it.
         with ThreadPoolExecutor(2) as pool:
-            dynamic = pool.submit(lease, web, tmp_path / "web.json", "-x", "hostname:web")
-            isolated = lease(hostonly, tmp_path / "host.json", "-x", "hostname:lonely")
+            dynamic = pool.submit(lease, web, "web")
+            isolated = lease(hostonly, "lonely")
             assert dynamic.result()["ip"].startswith("192.168.105.")
         assert isolated["router"] == "" and isolated["dns"] == HOST_GW
 

@@ -61,24 +61,8 @@ class Guest:
             self.namespace.ip("route", "add", "default", "via", gateway)
 
     def dhcp(self, hostname: str | None = None, timeout: int = 10) -> dict[str, str]:
-        """Get a lease with busybox ``udhcpc`` (a real DHCP client) and apply it.
-
-        Returns the lease's variables (``ip``, ``subnet``, ``router``, ``dns``,
-        ``domain``...).  Raises ``RuntimeError`` if no lease came.
-        """
-        with tempfile.TemporaryDirectory(prefix="vmb-udhcpc-") as tmp:
-            script = os.path.join(tmp, "script")
-            with open(script, "w") as f:
-                f.write(_UDHCPC_SCRIPT)
-            os.chmod(script, 0o755)
-            cmd = ["busybox", "udhcpc", "-i", "eth0", "-f", "-q", "-n", "-t", str(timeout), "-T", "1", "-A", "1", "-s", script]
-            if hostname:
-                cmd += ["-x", f"hostname:{hostname}"]
-            out = self.run(*cmd, timeout=timeout + 10, check=False)
-        match = re.search(r"^lease (.*)$", out.stdout, re.M)
-        if out.returncode != 0 or not match:
-            raise RuntimeError(f"{self.name}: no DHCP lease: {out.stdout}{out.stderr}")
-        lease = dict(item.split("=", 1) for item in match.group(1).split("|") if "=" in item)
+        """``dhcp_lease`` on ``eth0``, plus the lease's resolver for the guest."""
+        lease = dhcp_lease(self.namespace, hostname, timeout)
         if lease.get("dns"):
             self._write_resolv_conf(lease["dns"].split(), lease.get("domain", ""))
         return lease
@@ -125,6 +109,28 @@ class Guest:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def dhcp_lease(namespace: Namespace, hostname: str | None = None, timeout: int = 10) -> dict[str, str]:
+    """Get a lease on ``eth0`` with busybox ``udhcpc`` (a real DHCP client) and apply it.
+
+    Returns the lease's variables (``ip``, ``subnet``, ``router``, ``dns``,
+    ``domain``, ``lease``, ``mtu``).  Raises ``RuntimeError`` if none came.
+    """
+    with tempfile.TemporaryDirectory(prefix="vmb-udhcpc-") as tmp:
+        script = os.path.join(tmp, "script")
+        with open(script, "w") as f:
+            f.write(_UDHCPC_SCRIPT)
+        os.chmod(script, 0o755)
+        cmd = ["busybox", "udhcpc", "-i", "eth0", "-f", "-q", "-n", "-t", str(timeout), "-T", "1", "-A", "1",
+               "-O", "mtu", "-s", script]  # fmt: skip
+        if hostname:
+            cmd += ["-x", f"hostname:{hostname}"]
+        out = namespace.run(*cmd, timeout=timeout + 10, check=False)
+    match = re.search(r"^lease (.*)$", out.stdout, re.M)
+    if out.returncode != 0 or not match:
+        raise RuntimeError(f"{namespace.name}: no DHCP lease: {out.stdout}{out.stderr}")
+    return dict(item.split("=", 1) for item in match.group(1).split("|") if "=" in item)
 
 
 # udhcpc calls this with the lease in the environment (busybox's contract).

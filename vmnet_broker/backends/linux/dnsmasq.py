@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ...config import DEFAULT_MTU, Reservation
+from ...config import DEFAULT_LEASE_TIME, DEFAULT_MTU, Reservation
+from .state import write_atomically
 
 IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -50,7 +51,7 @@ class DnsmasqSpec:
     gateway: ipaddress.IPv4Address
     dhcp: bool = True
     dhcp_range: tuple[ipaddress.IPv4Address, ipaddress.IPv4Address] | None = None
-    lease_time: int = 3600
+    lease_time: int = DEFAULT_LEASE_TIME
     reservations: tuple[Reservation, ...] = ()
     dns: bool = True
     dns_servers: tuple[IP, ...] = ()
@@ -169,7 +170,7 @@ class Dnsmasq:
         if self.alive():
             return
         self.paths["conf"].parent.mkdir(parents=True, exist_ok=True)
-        _write(self.paths["conf"], config_text(self.spec, self.paths["conf"].parent))
+        write_atomically(self.paths["conf"], config_text(self.spec, self.paths["conf"].parent))
         self.paths["pid"].unlink(missing_ok=True)
         binary = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
         with open(self.paths["log"], "wb") as log:
@@ -211,7 +212,7 @@ class Dnsmasq:
     def alive(self) -> bool:
         if self._proc is None or self._proc.poll() is not None:
             return False
-        return _running(self._proc.pid)
+        return process_running(self._proc.pid)
 
     def watch(self, loop: asyncio.AbstractEventLoop, on_exit: Callable[[], None]) -> None:
         """Call ``on_exit`` on ``loop`` as soon as dnsmasq exits (not after ``stop``)."""
@@ -258,7 +259,7 @@ def kill_leftovers(state_dir: Path) -> list[int]:
     for pid_file in sorted(Path(state_dir).glob(f"{PREFIX}*.pid")):
         pid = _read_pid(pid_file)
         conf = pid_file.with_suffix(".conf").absolute()
-        if pid is not None and _running(pid) and _is_our_dnsmasq(pid, conf):
+        if pid is not None and process_running(pid) and _is_our_dnsmasq(pid, conf):
             try:
                 os.kill(pid, signal.SIGTERM)
                 killed.append(pid)
@@ -267,10 +268,10 @@ def kill_leftovers(state_dir: Path) -> list[int]:
         pid_file.unlink(missing_ok=True)
         conf.unlink(missing_ok=True)
     deadline = time.monotonic() + STOP_TIMEOUT
-    while any(_running(pid) for pid in killed) and time.monotonic() < deadline:
+    while any(process_running(pid) for pid in killed) and time.monotonic() < deadline:
         time.sleep(0.02)
     for pid in killed:
-        if _running(pid):
+        if process_running(pid):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -287,7 +288,7 @@ def _is_our_dnsmasq(pid: int, conf: Path) -> bool:
     return comm == "dnsmasq" and f"--conf-file={conf}".encode() in argv
 
 
-def _running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
     """Alive and not a zombie (an orphan's zombie may linger before init reaps it)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -304,7 +305,3 @@ def _read_pid(path: Path) -> int | None:
         return None
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -36,11 +36,11 @@ def random_mac() -> str:
 
     Never ``fe:`` or ``fa:`` first: those are the host sides' (below).
     """
-    while True:
-        octets = bytearray(os.urandom(6))
-        octets[0] = (octets[0] & 0xFC) | 0x02
-        if octets[0] not in HOST_SIDE_FIRST_OCTETS:
-            return ":".join(f"{b:02x}" for b in octets)
+    octets = bytearray(os.urandom(6))
+    octets[0] = (octets[0] & 0xFC) | 0x02
+    if octets[0] in HOST_SIDE_FIRST_OCTETS:
+        octets[0] ^= 0x10  # fe -> ee, fa -> ea: still local unicast
+    return ":".join(f"{b:02x}" for b in octets)
 
 
 HOST_SIDE_FIRST_OCTETS = (0xFE, 0xFA)

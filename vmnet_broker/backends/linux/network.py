@@ -97,9 +97,6 @@ class Interface:
             self._keepalive = os.dup(self._tap.fds()[0])
         self._tap.close()
 
-    def stats(self) -> dict[str, int] | None:
-        return self._pump.stats() if self._pump is not None else None
-
     def destroy(self) -> None:
         # Delete first: RTM_DELLINK removes the TAP even while a VM holds an fd.
         delete_link_quietly(self.name)

@@ -14,6 +14,13 @@ from pathlib import Path
 from typing import Any
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """Readers see the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def random_ula_prefix() -> ipaddress.IPv6Network:
     """A /64 in a random RFC 4193 ULA /48 (``fd`` + 40 random bits), subnet 0."""
     global_id = int.from_bytes(os.urandom(5), "big")
@@ -49,6 +56,4 @@ class RememberedChoices:
         if data.get(name) == entry:
             return
         data[name] = entry
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, self.path)
+        write_atomically(self.path, json.dumps(data, indent=1, sort_keys=True) + "\n")
