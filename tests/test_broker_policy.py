@@ -23,6 +23,9 @@ class FakeNet:
         return {"name": self.config.name, "mode": self.config.mode, "subnet": "192.168.105.0",
                 "mask": "255.255.255.0", "bridge": "vmb-br0"}  # fmt: skip
 
+    def reply_value(self):
+        return self.info()
+
 
 @dataclass
 class FakeIface:
@@ -41,6 +44,7 @@ class FakeIface:
 
 @dataclass
 class RecordingBackend:
+    attach_kinds = ("tap", "dgram")
     log: list = field(default_factory=list)
     fail: bool = False
     n: int = 0

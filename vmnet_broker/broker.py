@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from . import protocol
@@ -66,15 +67,22 @@ class _Network:
 
 @dataclass
 class Reply:
-    """What the transport sends back: one packet, maybe with fds.
+    """What the transport sends back: a dictionary of plain values, maybe with fds.
 
-    The fds are the reply's own duplicates, taken when the request was
-    handled: a pipelined ``detach`` or ``release`` that runs before this
-    reply leaves cannot take them away.
+    Each transport encodes ``body`` its own way (JSON on Linux, an XPC reply
+    dictionary on macOS, where ``network`` is the opaque serialization).  The
+    fds are the reply's own duplicates, taken when the request was handled: a
+    pipelined ``detach`` or ``release`` that runs before this reply leaves
+    cannot take them away.
     """
 
-    data: bytes
+    body: dict[str, Any]
     fds: list[int] = field(default_factory=list)
+
+    @property
+    def data(self) -> bytes:
+        """``body`` as one JSON packet (the seqpacket transport)."""
+        return protocol.encode(self.body)
 
     def sent(self) -> None:
         """The packet left (or never will): close the reply's fds."""
@@ -118,6 +126,9 @@ class Broker:
         self._networks: dict[str, _Network] = {}
         self._peers: set[Peer] = set()
         self._started = time.monotonic()
+        # Told the number of connections after each connect and disconnect
+        # (the daemon's exit-when-idle timer and launchd transactions).
+        self.connections_changed: Callable[[int], None] | None = None
 
     # -- transport hooks ----------------------------------------------------------
 
@@ -128,24 +139,37 @@ class Broker:
         peer = Peer(pid, uid, gid, groups | {gid})
         self._peers.add(peer)
         log.info("%s connected (uid %d, gid %d)", peer, uid, gid)
+        self._connections_changed()
         return peer
 
     def request(self, peer: Peer, data: bytes, truncated: bool = False) -> Reply:
-        """Handle one packet; never raises for anything the client sent."""
+        """Handle one JSON packet; never raises for anything the client sent."""
         try:
             req = protocol.parse_request(data, truncated)
         except ProtocolError as e:
             log.warning("%s: invalid request: %s", peer, e.message)
-            return Reply(e.reply())
+            return Reply(e.body())
+        return self._handle(peer, req)
+
+    def request_message(self, peer: Peer, message: object) -> Reply:
+        """Handle one request already decoded to plain values (an XPC dictionary)."""
+        try:
+            req = protocol.parse_message(message)
+        except ProtocolError as e:
+            log.warning("%s: invalid request: %s", peer, e.message)
+            return Reply(e.body())
+        return self._handle(peer, req)
+
+    def _handle(self, peer: Peer, req: Request) -> Reply:
         try:
             return self._dispatch(peer, req)
         except _Refused as e:
             log.warning("%s: %s", peer, e.message)
-            return Reply(protocol.encode_error(e.code, e.message, req.id, req.has_id))
+            return Reply(protocol.error_body(e.code, e.message, req.id, req.has_id))
         except Exception as e:  # a bug or an unexpected OS error: keep serving
             log.exception("%s: internal error", peer)
             message = f"internal error: {e}"
-            return Reply(protocol.encode_error(Code.INTERNAL_ERROR, message, req.id, req.has_id))
+            return Reply(protocol.error_body(Code.INTERNAL_ERROR, message, req.id, req.has_id))
 
     def disconnect(self, peer: Peer) -> None:
         if peer not in self._peers:
@@ -160,6 +184,15 @@ class Broker:
             except Exception:  # the other networks must still be released
                 log.exception("%s: releasing network %r failed", peer, name)
         log.info("%s disconnected, released %d network(s)", peer, len(held))
+        self._connections_changed()
+
+    def _connections_changed(self) -> None:
+        if self.connections_changed is not None:
+            self.connections_changed(len(self._peers))
+
+    def networks_held(self) -> bool:
+        """Whether any connection holds a network (macOS ignores SIGTERM then)."""
+        return any(peer.networks for peer in self._peers)
 
     def shutdown(self) -> None:
         """Remove every network and interface; collect errors, raise the first."""
@@ -187,20 +220,26 @@ class Broker:
         cmd = req.command
         if isinstance(cmd, Acquire):
             net = self._acquire(peer, cmd.network_name)
-            return Reply(protocol.encode_reply({"network": net.handle.info()}, req))
+            value = net.handle.reply_value()
+            body = {"network": value}
+            if not isinstance(value, dict):
+                # macOS: the serialization is opaque; say beside it what it
+                # is (upstream's clients read only "network" and "error").
+                body["network_info"] = net.handle.info()
+            return Reply(protocol.reply_body(body, req))
         if isinstance(cmd, Attach):
             iface, fds = self._attach(peer, cmd)
-            return Reply(protocol.encode_reply({"interface": iface.info()}, req), fds)
+            return Reply(protocol.reply_body({"interface": iface.info()}, req), fds)
         if isinstance(cmd, Detach):
             self._detach(peer, cmd.interface)
-            return Reply(protocol.encode_reply({}, req))
+            return Reply(protocol.reply_body({}, req))
         if isinstance(cmd, Release):
             if cmd.network_name not in peer.networks:
                 raise _Refused(Code.NOT_FOUND, f"this connection does not hold {cmd.network_name!r}")
             self._release(peer, cmd.network_name)
-            return Reply(protocol.encode_reply({}, req))
+            return Reply(protocol.reply_body({}, req))
         if isinstance(cmd, Status):
-            return Reply(protocol.encode_reply({"status": self.status()}, req))
+            return Reply(protocol.reply_body({"status": self.status()}, req))
         raise AssertionError(f"unhandled command {cmd!r}")
 
     def _acquire(self, peer: Peer, name: str) -> _Network:
@@ -240,12 +279,14 @@ class Broker:
         info = handle.info()
         log.info(
             "created network %r: %s/%s on %s in %.0f ms",
-            config.name, info.get("subnet"), info.get("mask"), info.get("bridge"),
+            config.name, info.get("subnet"), info.get("mask"), info.get("bridge") or "vmnet",
             (time.monotonic() - started) * 1000,
         )  # fmt: skip
         return net
 
     def _attach(self, peer: Peer, cmd: Attach) -> tuple[InterfaceHandle, list[int]]:
+        if cmd.kind not in self._backend.attach_kinds:
+            raise _Refused(Code.INVALID_REQUEST, self._no_attach(cmd.kind))
         if len(peer.interfaces) >= MAX_PEER_INTERFACES:
             raise _Refused(Code.INTERNAL_ERROR, f"a connection may own at most {MAX_PEER_INTERFACES} interfaces")
         held = cmd.network_name in peer.networks
@@ -277,7 +318,15 @@ class Broker:
         log.info("%s attached %s %s to network %r", peer, cmd.kind, iface.name, net.name)
         return iface, fds
 
+    def _no_attach(self, kind: str) -> str:
+        if not self._backend.attach_kinds:
+            # macOS: clients start vmnet interfaces themselves from the network.
+            return "this broker hands out networks, not interfaces: 'attach' and 'detach' are not available"
+        return f"'kind' {kind!r} is not available here (only {', '.join(self._backend.attach_kinds)})"
+
     def _detach(self, peer: Peer, name: str) -> None:
+        if not self._backend.attach_kinds:
+            raise _Refused(Code.INVALID_REQUEST, self._no_attach(""))
         if name not in peer.interfaces:
             raise _Refused(Code.NOT_FOUND, f"this connection has no interface {name!r}")
         self._destroy_interfaces(peer, [name])

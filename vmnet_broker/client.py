@@ -1,25 +1,34 @@
 """The client library: one connection to the broker, kept open.
 
 The connection *is* the reference: networks and interfaces stay while it is
-open, and go when it closes or the process dies.  A launcher that hands a VM
-to a child process can let the child inherit ``client.fileno()``, so the
-reference lives exactly as long as the VM.
+open, and go when it closes or the process dies.  On Linux the connection is
+a Unix socket: a launcher that hands a VM to a child process can let the
+child inherit ``client.fileno()``, so the reference lives exactly as long as
+the VM.  On macOS it is an XPC connection to the broker's Mach service, as
+upstream's C, Go and Swift clients make; XPC connections are not inherited,
+so the process that acquired must outlive the VM.
 """
 
 from __future__ import annotations
 
 import array
+import dataclasses
+import ipaddress
 import json
 import os
 import socket
+import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from .errors import ConnectionFailed, InvalidReply, error_for
 
 DEFAULT_SOCKET = "/run/vmnet-broker/broker.sock"
 SOCKET_ENV = "VMNET_BROKER_SOCKET"
+# Upstream's Mach service name, so either broker serves either client.
+DEFAULT_SERVICE = "com.github.nirs.vmnet-broker"
+SERVICE_ENV = "VMNET_BROKER_SERVICE"
 # Replies are small, except status with many networks; MSG_TRUNC tells us if not.
 MAX_REPLY = 1 << 20
 MAX_REPLY_FDS = 16
@@ -27,6 +36,10 @@ MAX_REPLY_FDS = 16
 
 def default_socket_path() -> str:
     return os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
+
+
+def default_service_name() -> str:
+    return os.environ.get(SERVICE_ENV) or DEFAULT_SERVICE
 
 
 @dataclass(frozen=True)
@@ -43,6 +56,22 @@ class Network:
     mtu: int
     bridge: str
     raw: dict[str, Any] = field(repr=False, compare=False)
+    # macOS: the vmnet serialization (an opaque XPC object) the broker
+    # handed out; None on Linux.
+    serialization: Any = field(default=None, repr=False, compare=False)
+    _native: Any = field(default=None, repr=False, compare=False)
+
+    def vmnet_network(self) -> Any:
+        """macOS: a new ``vmnet_network_ref`` made from the serialization.
+
+        An owned handle (``_native.VmnetNetwork``): keep it while the VM
+        uses the network; ``.pointer()`` gives the raw ref for PyObjC's
+        ``VZVmnetNetworkDeviceAttachment(network:)`` or
+        ``vmnet_interface_start_with_network``.
+        """
+        if self.serialization is None or self._native is None:
+            raise TypeError("only a network acquired over XPC (macOS) has a vmnet serialization")
+        return self._native.network_from_serialization(self.serialization)
 
     @classmethod
     def from_reply(cls, obj: Any) -> Network:
@@ -115,38 +144,179 @@ class BrokerStatus:
     raw: dict[str, Any] = field(repr=False, compare=False)
 
 
-class Client:
-    """A connection to the broker.
+class Channel(Protocol):
+    """One connection to a broker, as the ``Client`` uses it."""
 
-    ``socket_path`` defaults to ``$VMNET_BROKER_SOCKET``, then
-    ``/run/vmnet-broker/broker.sock``.  Methods raise ``BrokerError``
-    subclasses carrying the protocol's ``code``.  ``ConnectionFailed`` (a
-    broken connection, or no reply within ``timeout``) and any exception that
-    interrupts a request close this client's socket; the broker releases what
-    the connection held once no process has it open (a child that inherited
-    ``fileno()`` keeps it).  Safe to share between threads: one request is in
-    flight at a time.
-    """
+    def request(self, message: dict[str, Any]) -> tuple[Any, list[int]]:
+        """Send one request; the decoded reply and the fds that came with it."""
 
-    def __init__(self, socket_path: str | None = None, *, timeout: float | None = 60.0) -> None:
-        self.socket_path = socket_path or default_socket_path()
-        self._lock = threading.Lock()
+    def network(self, reply: dict[str, Any]) -> Network:
+        """The ``Network`` of a successful ``acquire`` reply."""
+
+    def fileno(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class SeqpacketChannel:
+    """Linux: JSON packets on a Unix ``SOCK_SEQPACKET`` socket, fds as ``SCM_RIGHTS``."""
+
+    def __init__(self, socket_path: str, timeout: float | None) -> None:
+        self.socket_path = socket_path
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._sock.settimeout(timeout)
         try:
-            self._sock.connect(self.socket_path)
+            self._sock.connect(socket_path)
         except OSError as e:
             self._sock.close()
-            raise ConnectionFailed(f"cannot connect to {self.socket_path}: {e.strerror or e}") from e
-
-    # -- connection ---------------------------------------------------------------
+            raise ConnectionFailed(f"cannot connect to {socket_path}: {e.strerror or e}") from e
 
     def fileno(self) -> int:
         return self._sock.fileno()
 
     def close(self) -> None:
-        """Close the connection: the broker releases everything it held."""
         self._sock.close()
+
+    def request(self, message: dict[str, Any]) -> tuple[Any, list[int]]:
+        data = json.dumps(message).encode()
+        try:
+            self._sock.sendall(data)
+            reply_data, fds = self._receive()
+        except BaseException as e:
+            # A reply left unread (timeout, KeyboardInterrupt, a signal
+            # handler's exception) would answer the next request: the
+            # connection is unusable, so it is closed.
+            self._sock.close()
+            if isinstance(e, OSError):
+                raise ConnectionFailed(f"broker connection failed: {e.strerror or e}") from e
+            raise
+        try:
+            return json.loads(reply_data), fds
+        except ValueError as e:
+            for fd in fds:
+                os.close(fd)
+            raise InvalidReply(f"reply is not a JSON object: {e}") from None
+
+    def network(self, reply: dict[str, Any]) -> Network:
+        return Network.from_reply(reply.get("network"))
+
+    def _receive(self) -> tuple[bytes, list[int]]:
+        fds = array.array("i")
+        data, ancdata, flags, _ = self._sock.recvmsg(
+            MAX_REPLY, socket.CMSG_SPACE(MAX_REPLY_FDS * fds.itemsize), socket.MSG_CMSG_CLOEXEC
+        )
+        for level, kind, cmsg in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(cmsg[: len(cmsg) - (len(cmsg) % fds.itemsize)])
+        received = list(fds)
+        if not data:
+            raise ConnectionFailed("the broker closed the connection")
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            for fd in received:
+                os.close(fd)
+            raise InvalidReply("reply or its file descriptors were truncated")
+        return data, received
+
+
+class XpcChannel:
+    """macOS: dictionaries over an XPC connection to the broker's Mach service.
+
+    What upstream's client does (``client/client.c``): connect lazily, send
+    with reply (sync), an XPC error for a reply is code 1, anything but a
+    dictionary code 2.  ``native`` is the compiled macOS ``_native`` module
+    (tests pass a fake of it).
+    """
+
+    def __init__(self, service_name: str, native: Any = None) -> None:
+        if native is None:
+            from . import _native as native
+        self.service_name = service_name
+        self._native = native
+        self._conn = native.XpcClient(service_name)
+
+    def fileno(self) -> int:
+        raise OSError(f"an XPC connection ({self.service_name}) has no file descriptor to inherit")
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def request(self, message: dict[str, Any]) -> tuple[Any, list[int]]:
+        try:
+            return self._conn.send(message), []
+        except self._native.XpcError as e:
+            raise ConnectionFailed(f"broker {self.service_name}: {e.description}") from e
+        except OSError as e:
+            raise ConnectionFailed(f"broker {self.service_name}: {e}") from e
+
+    def network(self, reply: dict[str, Any]) -> Network:
+        serialization = reply.get("network")
+        if serialization is None or not hasattr(serialization, "type_name"):
+            raise InvalidReply("the reply has no network serialization")
+        info = reply.get("network_info")
+        if isinstance(info, dict):  # our broker says what the network is
+            network = Network.from_reply(info)
+        else:  # upstream's broker: ask vmnet
+            network = self._describe(serialization)
+        return dataclasses.replace(network, serialization=serialization, _native=self._native)
+
+    def _describe(self, serialization: Any) -> Network:
+        vmnet = self._native.network_from_serialization(serialization)
+        try:
+            address, mask = vmnet.ipv4_subnet()
+            prefix, length = vmnet.ipv6_prefix()
+        finally:
+            vmnet.close()
+        subnet = ipaddress.IPv4Network(f"{address}/{mask}", strict=False)
+        return Network(
+            name="", mode="", subnet=str(subnet.network_address), mask=str(subnet.netmask),
+            gateway=str(subnet.network_address + 1), ipv6_prefix=prefix, prefix_len=length,
+            mtu=0, bridge="", raw={},
+        )  # fmt: skip
+
+
+def default_channel(socket_path: str | None, timeout: float | None, service_name: str | None) -> Channel:
+    """The transport this build of the package speaks (the one platform choice)."""
+    if sys.platform == "darwin":
+        return XpcChannel(service_name or default_service_name())
+    return SeqpacketChannel(socket_path or default_socket_path(), timeout)
+
+
+class Client:
+    """A connection to the broker.
+
+    Linux: ``socket_path`` defaults to ``$VMNET_BROKER_SOCKET``, then
+    ``/run/vmnet-broker/broker.sock``.  macOS: ``service_name`` defaults to
+    ``$VMNET_BROKER_SERVICE``, then ``com.github.nirs.vmnet-broker``.
+    ``channel`` replaces either (tests, other transports).
+
+    Methods raise ``BrokerError`` subclasses carrying the protocol's
+    ``code``.  ``ConnectionFailed`` (a broken connection, or no reply within
+    ``timeout``) and any exception that interrupts a request close this
+    client's socket; the broker releases what the connection held once no
+    process has it open (a child that inherited ``fileno()`` keeps it).
+    Safe to share between threads: one request is in flight at a time.
+    """
+
+    def __init__(
+        self,
+        socket_path: str | None = None,
+        *,
+        timeout: float | None = 60.0,
+        service_name: str | None = None,
+        channel: Channel | None = None,
+    ) -> None:
+        self._lock = threading.Lock()
+        self._channel = channel or default_channel(socket_path, timeout, service_name)
+
+    # -- connection ---------------------------------------------------------------
+
+    def fileno(self) -> int:
+        """The connection's fd (Linux), for a child process to inherit."""
+        return self._channel.fileno()
+
+    def close(self) -> None:
+        """Close the connection: the broker releases everything it held."""
+        self._channel.close()
 
     def __enter__(self) -> Client:
         return self
@@ -158,7 +328,7 @@ class Client:
 
     def acquire_network(self, name: str) -> Network:
         reply, _ = self.request({"command": "acquire", "network_name": name})
-        return Network.from_reply(reply.get("network"))
+        return self._channel.network(reply)
 
     def attach(
         self,
@@ -231,50 +401,20 @@ class Client:
 
         Raises the ``BrokerError`` for the reply's ``error`` code.
         """
-        data = json.dumps(message).encode()
         with self._lock:
-            try:
-                self._sock.sendall(data)
-                reply_data, fds = self._receive()
-            except BaseException as e:
-                # A reply left unread (timeout, KeyboardInterrupt, a signal
-                # handler's exception) would answer the next request: the
-                # connection is unusable, so it is closed.
-                self._sock.close()
-                if isinstance(e, OSError):
-                    raise ConnectionFailed(f"broker connection failed: {e.strerror or e}") from e
-                raise
-        try:
-            reply = json.loads(reply_data)
-            if not isinstance(reply, dict):
-                raise ValueError("not an object")
-        except ValueError as e:
+            reply, fds = self._channel.request(message)
+        if not isinstance(reply, dict):
             for fd in fds:
                 os.close(fd)
-            raise InvalidReply(f"reply is not a JSON object: {e}") from None
+            raise InvalidReply(f"reply is not a dictionary but {type(reply).__name__}")
         code = reply.get("error")
         if code:
             for fd in fds:
                 os.close(fd)
-            raise error_for(int(code), reply.get("message"))
+            if not isinstance(code, int) or isinstance(code, bool):
+                raise InvalidReply(f"'error' is not an integer: {code!r}")
+            raise error_for(code, reply.get("message") if isinstance(reply.get("message"), str) else None)
         return reply, fds
-
-    def _receive(self) -> tuple[bytes, list[int]]:
-        fds = array.array("i")
-        data, ancdata, flags, _ = self._sock.recvmsg(
-            MAX_REPLY, socket.CMSG_SPACE(MAX_REPLY_FDS * fds.itemsize), socket.MSG_CMSG_CLOEXEC
-        )
-        for level, kind, cmsg in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(cmsg[: len(cmsg) - (len(cmsg) % fds.itemsize)])
-        received = list(fds)
-        if not data:
-            raise ConnectionFailed("the broker closed the connection")
-        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-            for fd in received:
-                os.close(fd)
-            raise InvalidReply("reply or its file descriptors were truncated")
-        return data, received
 
 
 _default_client: Client | None = None

@@ -1,8 +1,8 @@
 """The broker's lifecycle: set up, serve until a signal, clean up everything.
 
 Setup removes what a crashed broker left, then binds the socket (or adopts
-one from systemd socket activation), so a client that can connect is talking
-to a clean broker.  A signal only asks the loop to stop; cleanup runs every
+one from systemd socket activation; on macOS, listens on the XPC Mach
+service), so a client that can connect is talking to a clean broker.  A signal only asks the loop to stop; cleanup runs every
 step in ``finally`` and reports the first error.
 """
 
@@ -16,16 +16,22 @@ import os
 import resource
 import signal
 import socket
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 from . import _native
+from .backends.base import Backend
+from .backends.darwin import DarwinBackend
 from .backends.linux import LinuxBackend
 from .broker import DEFAULT_IDLE_TIMEOUT, Broker
-from .client import DEFAULT_SOCKET
+from .client import DEFAULT_SERVICE, DEFAULT_SOCKET
 from .config import DEFAULT_CONFIG_DIR, load_config_dir
-from .server import Server
+from .transports.seqpacket import SeqpacketServer
+from .transports.xpc import XpcServer
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +48,8 @@ class Options:
     state_dir: str = DEFAULT_STATE_DIR
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     socket_group: str | None = None  # group that may connect (socket mode 0660)
+    exit_idle: float | None = None  # exit this long after the last client left
+    service_name: str = DEFAULT_SERVICE  # macOS: the Mach service to listen on
 
 
 def _activated_listener() -> _native.Listener | None:
@@ -139,8 +147,18 @@ def _gid(group: str) -> int:
     return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
 
 
-def serve(options: Options) -> int:
-    """Run the broker until SIGINT or SIGTERM; 0 after a clean shutdown."""
+def serve(options: Options, native: ModuleType | None = None) -> int:
+    """Run the broker until a signal (or idle exit); 0 after a clean shutdown.
+
+    ``native`` is the compiled mechanism module; tests pass a fake of the
+    macOS one.  Its ``PLATFORM`` picks the backend and the transport, here
+    and nowhere else.
+    """
+    native = native or _native
+    if _is_darwin(native):
+        # launchd guarantees one instance per Mach service; vmnet networks
+        # die with the process, so there is nothing to lock or clean.
+        return asyncio.run(_serve(options, native))
     try:
         lock = NamespaceLock()
     except AlreadyRunning as e:
@@ -154,39 +172,111 @@ def serve(options: Options) -> int:
                 log.error("%s; not starting", e)
                 return 1
         _raise_fd_limit()
-        return asyncio.run(_serve(options))
+        return asyncio.run(_serve(options, native))
 
 
-async def _serve(options: Options) -> int:
+def _is_darwin(native: ModuleType) -> bool:
+    return getattr(native, "PLATFORM", "linux") == "darwin"
+
+
+def _backend(options: Options, native: ModuleType, loop: asyncio.AbstractEventLoop) -> Backend:
+    if _is_darwin(native):
+        return DarwinBackend(native)
+    Path(options.state_dir).mkdir(parents=True, exist_ok=True)
+    return LinuxBackend(options.state_dir, loop)
+
+
+def _transport(
+    broker: Broker, options: Options, native: ModuleType, loop: asyncio.AbstractEventLoop, failed: Callable[[str], None]
+) -> SeqpacketServer | XpcServer:
+    if _is_darwin(native):
+        return XpcServer(broker, native.XpcListener(options.service_name), loop, failed)
+    listener = _activated_listener()
+    if listener is None:
+        listener = _native.Listener(options.socket_path)
+        if options.socket_group is not None:
+            os.chown(options.socket_path, -1, _gid(options.socket_group))
+    return SeqpacketServer(broker, listener, loop)
+
+
+class _Lifetime:
+    """When the daemon stops: a signal, the listener failing, or idle exit.
+
+    On macOS, as upstream: SIGINT and SIGTERM are ignored while clients hold
+    networks (their VMs would lose the network), and launchd transactions
+    are open while anyone is connected.  ``exit_idle``: stop that many
+    seconds after the last client left (armed at the first disconnect, as
+    upstream's timer is), so launchd or systemd can start us on demand.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, broker: Broker, exit_idle: float | None, native: ModuleType):
+        self.loop = loop
+        self.broker = broker
+        self.exit_idle = exit_idle
+        self.native = native
+        self.darwin = _is_darwin(native)
+        self.stopped = asyncio.Event()
+        self.exit_code = 0
+        self.connections = 0
+        self.idle_timer: asyncio.TimerHandle | None = None
+
+    def signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if self.darwin and self.broker.networks_held():
+            log.warning("%s ignored: clients hold networks (their VMs would lose them)", name)
+            return
+        log.info("%s received, shutting down", name)
+        self.stopped.set()
+
+    def failed(self, reason: str) -> None:
+        log.error("listener failed (%s), shutting down", reason)
+        self.exit_code = 1
+        self.stopped.set()
+
+    def connections_changed(self, count: int) -> None:
+        if self.darwin and (count > 0) != (self.connections > 0):
+            if count > 0:
+                self.native.xpc_transaction_begin()
+            else:
+                self.native.xpc_transaction_end()
+        self.connections = count
+        if count > 0 and self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+        elif count == 0 and self.exit_idle is not None and self.idle_timer is None:
+            log.info("no clients; exiting in %g s unless one connects", self.exit_idle)
+            self.idle_timer = self.loop.call_later(self.exit_idle, self._idle_exit)
+
+    def _idle_exit(self) -> None:
+        log.info("no clients for %g s, exiting", self.exit_idle)
+        self.stopped.set()
+
+
+async def _serve(options: Options, native: ModuleType) -> int:
     loop = asyncio.get_running_loop()
     started = time.monotonic()
     log.info("vmnet-broker starting (pid %d)", os.getpid())
 
     configs = load_config_dir(options.config_dir)
-    Path(options.state_dir).mkdir(parents=True, exist_ok=True)
-    backend = LinuxBackend(options.state_dir, loop)
+    backend = _backend(options, native, loop)
     backend.cleanup_leftovers()
 
     broker = Broker(backend, configs, options.idle_timeout, loop)
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    lifetime = _Lifetime(loop, broker, options.exit_idle, native)
+    broker.connections_changed = lifetime.connections_changed
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lifetime.signal, sig)
 
-    server: Server | None = None
+    server: SeqpacketServer | XpcServer | None = None
     try:
-        listener = _activated_listener()
-        if listener is None:
-            listener = _native.Listener(options.socket_path)
-            if options.socket_group is not None:
-                os.chown(options.socket_path, -1, _gid(options.socket_group))
-        server = Server(broker, listener, loop)
+        server = _transport(broker, options, native, loop, lifetime.failed)
         server.start()
         log.info(
             "ready in %.0f ms; networks: %s", (time.monotonic() - started) * 1000, ", ".join(sorted(configs))
         )
         _notify("READY=1")
-        await stop.wait()
-        log.info("signal received, shutting down")
+        await lifetime.stopped.wait()
         _notify("STOPPING=1")
     finally:
         errors: list[BaseException] = []
@@ -204,4 +294,4 @@ async def _serve(options: Options) -> int:
             log.error("cleanup failed: %s", errors[0])
             raise errors[0]
     log.info("vmnet-broker stopped (pid %d)", os.getpid())
-    return 0
+    return lifetime.exit_code

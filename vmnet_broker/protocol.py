@@ -1,6 +1,8 @@
 """The wire protocol: request validation and reply encoding (pure functions).
 
-Bytes come in, a validated request or a ``ProtocolError`` goes out.  Nothing
+A request comes in as JSON bytes (Linux) or as an XPC dictionary already
+turned into plain values (macOS); a validated request or a ``ProtocolError``
+goes out.  Replies are plain dictionaries that each transport encodes.  Nothing
 here touches sockets or state, so every rule of PROTOCOL.md is checked by unit
 tests, and the broker can trust what it is handed.
 """
@@ -17,12 +19,14 @@ from .errors import Code
 
 MAX_MESSAGE = 65536
 MAX_QUEUES = 16
+# Set by the native XPC listener on a request dictionary it could not convert.
+INVALID_KEY = "__invalid__"
 KINDS = ("tap", "dgram")
 
 # JSON scalars an "id" may be; objects and arrays are refused.
 Scalar = Union[str, int, float, bool, None]
 
-_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 
 
 class ProtocolError(Exception):
@@ -36,8 +40,11 @@ class ProtocolError(Exception):
         self.request_id: Scalar = None
         self.has_id = False
 
+    def body(self) -> dict[str, Any]:
+        return error_body(self.code, self.message, self.request_id, self.has_id)
+
     def reply(self) -> bytes:
-        return encode_error(self.code, self.message, self.request_id, self.has_id)
+        return encode(self.body())
 
 
 @dataclass(frozen=True)
@@ -88,15 +95,26 @@ def _reject_constant(name: str) -> None:
 
 
 def parse_request(data: bytes, truncated: bool = False) -> Request:
-    """Validate one packet; raises ``ProtocolError`` with code 4 if malformed."""
+    """Validate one JSON packet (Linux); raises ``ProtocolError`` with code 4 if malformed."""
     if truncated or len(data) > MAX_MESSAGE:
         raise _invalid(f"request larger than {MAX_MESSAGE} bytes")
     try:
         obj = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise _invalid(f"request is not UTF-8 JSON: {e}") from None
+    return parse_message(obj)
+
+
+def parse_message(obj: object) -> Request:
+    """Validate one decoded request: a JSON object, or an XPC dictionary as plain values.
+
+    The native XPC listener hands over a dictionary it could not convert as
+    ``{INVALID_KEY: reason}``; that is malformed like any other bad shape.
+    """
     if not isinstance(obj, dict):
         raise _invalid(f"request must be a JSON object, not {type(obj).__name__}")
+    if INVALID_KEY in obj:
+        raise _invalid(f"request dictionary not understood: {obj[INVALID_KEY]}")
 
     has_id = "id" in obj
     request_id = obj.get("id")
@@ -170,7 +188,7 @@ def _parse_attach(obj: dict[str, Any]) -> Attach:
 
 def normalize_mac(mac: object) -> str:
     """Lower-case ``aa:bb:cc:dd:ee:ff`` of a unicast, non-zero MAC address."""
-    if not isinstance(mac, str) or not _MAC.match(mac.lower()):
+    if not isinstance(mac, str) or not _MAC.fullmatch(mac.lower()):
         raise _invalid("'mac' must look like 52:54:00:12:34:56")
     mac = mac.lower()
     if int(mac[:2], 16) & 1:
@@ -180,18 +198,32 @@ def normalize_mac(mac: object) -> str:
     return mac
 
 
-def encode_reply(body: dict[str, Any], request: Request | None = None) -> bytes:
-    """A success reply, echoing the request's ``id`` if it had one."""
+def reply_body(body: dict[str, Any], request: Request | None = None) -> dict[str, Any]:
+    """A success reply as plain values, echoing the request's ``id`` if it had one."""
     reply = dict(body)
     if request is not None and request.has_id:
         reply["id"] = request.id
-    return json.dumps(reply, separators=(",", ":"), allow_nan=False).encode()
+    return reply
 
 
-def encode_error(code: int, message: str | None = None, request_id: Scalar = None, has_id: bool = False) -> bytes:
+def error_body(code: int, message: str | None = None, request_id: Scalar = None, has_id: bool = False) -> dict[str, Any]:
+    """A failure reply: ``error`` (upstream's int64 code), and our readable ``message``."""
     reply: dict[str, Any] = {"error": int(code)}
     if message:
         reply["message"] = message
     if has_id:
         reply["id"] = request_id
-    return json.dumps(reply, separators=(",", ":"), allow_nan=False).encode()
+    return reply
+
+
+def encode(body: dict[str, Any]) -> bytes:
+    """A reply body as one JSON packet (the Linux transport)."""
+    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+
+
+def encode_reply(body: dict[str, Any], request: Request | None = None) -> bytes:
+    return encode(reply_body(body, request))
+
+
+def encode_error(code: int, message: str | None = None, request_id: Scalar = None, has_id: bool = False) -> bytes:
+    return encode(error_body(code, message, request_id, has_id))

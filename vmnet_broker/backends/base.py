@@ -12,7 +12,11 @@ class NetworkHandle(Protocol):
     config: NetworkConfig
 
     def info(self) -> dict[str, Any]:
-        """The ``network`` object of an ``acquire`` reply."""
+        """What ``status`` shows of the network: plain values."""
+
+    def reply_value(self) -> Any:
+        """The ``network`` value of an ``acquire`` reply: on Linux the same
+        object as ``info()``, on macOS the vmnet serialization."""
 
 
 class InterfaceHandle(Protocol):
@@ -29,6 +33,10 @@ class InterfaceHandle(Protocol):
 
 
 class Backend(Protocol):
+    # The attach kinds this platform hands out (("tap", "dgram") on Linux;
+    # none on macOS, where a client starts its own vmnet interface).
+    attach_kinds: tuple[str, ...]
+
     def cleanup_leftovers(self) -> None:
         """Remove what an earlier, crashed broker left behind."""
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from ... import _native
 from ...config import NetworkConfig
-from ...protocol import Attach
+from ...protocol import KINDS, Attach
 from ..base import CreateError
 from . import dnsmasq, firewall, names, network, subnets
 from .state import RememberedChoices, random_ula_prefix
@@ -75,6 +75,9 @@ class LinuxNetwork:
             "dhcp": self.config.dhcp,
         }
 
+    def reply_value(self) -> dict[str, Any]:
+        return self.info()
+
     def firewall_spec(self) -> firewall.FirewallNetwork:
         return firewall.FirewallNetwork(
             name=self.config.name,
@@ -111,6 +114,8 @@ class LinuxNetwork:
 
 
 class LinuxBackend:
+    attach_kinds = KINDS
+
     def __init__(self, state_dir: str | Path, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.state_dir = Path(state_dir).absolute()
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o755)

@@ -1,4 +1,4 @@
-"""The Linux transport: the native seqpacket listener on the asyncio loop.
+"""The Linux transport: the native Unix seqpacket listener on the asyncio loop.
 
 Each connection's fd is watched with ``add_reader``; every packet is handed to
 the broker, and the reply (with fds) goes back in request order.  A client
@@ -13,8 +13,8 @@ import collections
 import logging
 import os
 
-from . import _native
-from .broker import Broker, Peer, Reply
+from .. import _native
+from ..broker import Broker, Peer, Reply
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def peer_groups(pid: int) -> frozenset[int]:
 
 
 class _Client:
-    def __init__(self, server: Server, conn: _native.Connection, peer: Peer) -> None:
+    def __init__(self, server: SeqpacketServer, conn: _native.Connection, peer: Peer) -> None:
         self.server = server
         self.conn = conn
         self.peer = peer
@@ -123,7 +123,7 @@ class _Client:
         self.server.broker.disconnect(self.peer)
 
 
-class Server:
+class SeqpacketServer:
     """Accepts connections on ``listener`` and feeds them to ``broker``."""
 
     def __init__(self, broker: Broker, listener: _native.Listener, loop: asyncio.AbstractEventLoop) -> None:
@@ -172,6 +172,8 @@ class Server:
             self.loop.add_reader(self.listener.fileno(), self._accept)
 
     def close(self) -> None:
+        if self.closed:
+            return
         self.closed = True
         self.loop.remove_reader(self.listener.fileno())
         try:
