@@ -233,6 +233,7 @@ PYBIND11_MODULE(_native, m) {
       "Mechanism only: every name, limit, MAC address and mode comes from the caller.\n"
       "Errors from the kernel are ``OSError`` subclasses carrying ``errno``, a message\n"
       "naming the operation, and ``filename`` set to the object (link name, path).";
+  m.attr("PLATFORM") = "linux";
   py::register_local_exception_translator(translate);
   bind_listener(m);
   bind_netlink(m);
