@@ -1,6 +1,7 @@
 """A stand-in for the macOS build of ``vmnet_broker._native``, for tests on Linux.
 
-It has the names and behaviour of csrc/darwin/API.pyi and nothing else, so
+It has the names and behaviour of the darwin branch of vmnet_broker/_native.pyi
+and nothing else, so
 the real darwin backend, XPC transport, daemon and client run unchanged on
 top of it; only the boundary is fake.  XPC is played by one Unix seqpacket
 socket per Mach service name under ``$VMB_FAKE_XPC_DIR``, so brokers and
@@ -12,7 +13,7 @@ connection.  vmnet is played by a subnet counter; ``$VMB_FAKE_VMNET_FAIL``
     python -m tests.fake_darwin serve [vmnet-broker serve options]
     python -m tests.fake_darwin client NAME...          # our Client, prints like upstream's test.c
     python -m tests.fake_darwin upstream-client NAME... # upstream's client.c logic, dictionaries only
-    python -m tests.fake_darwin hold NAME...            # acquire, print "held", sleep until killed
+    python -m tests.fake_darwin hold NAME...            # acquire, print "held TOKEN...", sleep until killed
 """
 
 from __future__ import annotations
@@ -435,21 +436,29 @@ def _install() -> None:
 
 
 def _client_main(names: list[str], hold: bool) -> int:
+    """Prints like upstream's test.c: "ok", or "fail <step> <code>"; details on stderr."""
     from vmnet_broker import BrokerError, Client
     from vmnet_broker.client import XpcChannel, default_service_name
 
     client = Client(channel=XpcChannel(default_service_name(), native=module()))
+    tokens = []
     for name in names:
         try:
             network = client.acquire_network(name)
-            network.vmnet_network().close()  # as test.c: the serialization must deserialize
         except BrokerError as e:
             print(f"fail acquire_network {e.code}", flush=True)
             return 1
-        print(f"ok {name} {network.subnet}/{network.mask} {network.serialization.token}", flush=True)
+        try:
+            network.vmnet_network().close()  # as test.c: the serialization must deserialize
+        except VmnetError as e:
+            print(f"fail network_from_serialization {e.status}", flush=True)
+            return 1
+        print(f"{name}: {network.subnet}/{network.mask} gateway {network.gateway}", file=sys.stderr, flush=True)
+        tokens.append(network.serialization.token)
     if hold:
-        print("held", flush=True)
+        print("held " + json.dumps(tokens), flush=True)
         threading.Event().wait()
+    print("ok", flush=True)
     return 0
 
 
@@ -475,7 +484,7 @@ def _upstream_client_main(names: list[str]) -> int:
             print("fail acquire_network 2", flush=True)
             return 1
         network_from_serialization(reply["network"]).close()
-        print(f"ok {name}", flush=True)
+    print("ok", flush=True)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Command line: ``vmnet-broker serve | status | demo``.
+"""Command line: ``vmnet-broker serve | status | demo``, and
+``install-service | uninstall-service | service-status``.
 
 Results go to stdout, logs to stderr; logging is configured here only.
 """
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 
 from ._version import __version__
 from .broker import DEFAULT_IDLE_TIMEOUT
-from .client import DEFAULT_SOCKET, SOCKET_ENV, Client, default_socket_path
+from .client import DEFAULT_SERVICE, DEFAULT_SOCKET, SOCKET_ENV, Client, default_socket_path
 from .config import DEFAULT_CONFIG_DIR
 from .errors import BrokerError
 
@@ -57,6 +58,19 @@ def _parser() -> argparse.ArgumentParser:
         metavar="GROUP",
         help="group owning the socket: its members may use the broker without root",
     )
+    serve.add_argument(
+        "--exit-idle",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="exit this long after the last client disconnected (for launchd or systemd starting it on demand)",
+    )
+    serve.add_argument(
+        "--service-name",
+        default=DEFAULT_SERVICE,
+        metavar="NAME",
+        help="macOS: the XPC Mach service to listen on (the launchd job's MachServices name)",
+    )
     serve.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="log verbosity")
 
     status = commands.add_parser(
@@ -72,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
         help="start a broker and two guests in namespaces, ping, show status, clean up",
         description="Needs root. Touches nothing outside the network namespaces it creates.",
     )
+    _add_service_commands(commands)
     return parser
 
 
@@ -99,7 +114,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .daemon import Options, serve
 
         _setup_logging(args.log_level)
-        return serve(Options(args.socket, args.config_dir, args.state_dir, args.idle_timeout, args.socket_group))
+        options = Options(
+            socket_path=args.socket,
+            config_dir=args.config_dir,
+            state_dir=args.state_dir,
+            idle_timeout=args.idle_timeout,
+            socket_group=args.socket_group,
+            exit_idle=args.exit_idle,
+            service_name=args.service_name,
+        )
+        return serve(options)
     if args.command == "status":
         return _status(args.socket, args.json)
     if args.command == "demo":
@@ -107,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         _setup_logging("warning")
         return run_demo()
+    if args.command in SERVICE_COMMANDS:
+        return _service(args)
     raise AssertionError(args.command)
 
 
@@ -134,3 +160,51 @@ def _status(socket_path: str | None, as_json: bool) -> int:
         for iface in raw.get("attachments", []):
             print(f"  {iface['name']:<10} {iface['kind']:<5} {iface['mac']}  peer {iface['peer']}")
     return 0
+
+
+# -- install-service, uninstall-service, service-status (vmnet_broker/service) --
+
+SERVICE_COMMANDS = ("install-service", "uninstall-service", "service-status")
+
+
+def _add_service_commands(commands: argparse._SubParsersAction) -> None:
+    label_help = (
+        "launchd Label and Mach service name (macOS; default com.github.nirs.vmnet-broker) "
+        "or unit name (Linux; default vmnet-broker)"
+    )
+    install = commands.add_parser(
+        "install-service",
+        help="install and start the broker as a launchd daemon (macOS) or systemd socket service (Linux)",
+        description="Needs root. macOS: /Library/LaunchDaemons/<label>.plist, see docs/launchd.md. "
+        "Linux: /etc/systemd/system/<label>.socket and .service, see docs/systemd.md.",
+    )
+    install.add_argument("--replace", action="store_true", help="take the place of a job or unit that is not ours")
+    install.add_argument(
+        "--exit-idle", type=_seconds, default=None, metavar="SECONDS",
+        help="the broker exits this long after its last client (default: 120 on macOS; Linux: keeps running)",
+    )  # fmt: skip
+    install.add_argument(
+        "--socket-group", default="vmnet", metavar="GROUP", help="Linux: group that may use the broker without root"
+    )
+    uninstall = commands.add_parser(
+        "uninstall-service", help="stop the broker's service and remove what install-service wrote"
+    )
+    status = commands.add_parser("service-status", help="whether the broker's service is loaded, its state and pid")
+    for command in (install, uninstall, status):
+        command.add_argument("--label", default=None, help=label_help)
+        command.add_argument("--root", default="/", help=argparse.SUPPRESS)  # a DESTDIR, for tests
+
+
+def _service(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import service
+
+    options = service.ServiceOptions(
+        label=args.label,
+        exit_idle=getattr(args, "exit_idle", None),
+        replace=getattr(args, "replace", False),
+        socket_group=getattr(args, "socket_group", "vmnet"),
+        root=Path(args.root),
+    )
+    return service.main(args.command, options)

@@ -1,9 +1,18 @@
-"""Network configuration: the builtins and ``<config-dir>/<name>.json`` files.
+"""Network configuration: the builtins and ``<config-dir>/<name>.json`` or
+``<name>.plist`` files.
 
 Pure parsing and validation.  A file that does not validate is reported with
 its path and reason and that network is not offered; the others still are.
-Keys are upstream's (``description``, ``mode``, ``subnet``, ``mask``) plus the
-extensions documented in docs/configuration.md.
+Both formats fill one ``NetworkConfig``:
+
+- ``.plist``: exactly upstream's keys (nirs/vmnet-broker PR #95,
+  docs/configuration.md), which mirror vmnet's configuration API.
+- ``.json``: upstream's original four keys plus our extensions.
+
+What a file asks for must also be something this platform's backend can do:
+``load_config_dir`` runs a per-platform check (backends/linux_config.py,
+backends/darwin_config.py) and refuses the file otherwise, rather than
+quietly doing less.  docs/configuration.md has the table.
 """
 
 from __future__ import annotations
@@ -12,12 +21,16 @@ import grp
 import ipaddress
 import json
 import logging
+import plistlib
 import pwd
 import re
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
+from xml.parsers.expat import ExpatError
 
 from .protocol import normalize_mac, ProtocolError
 
@@ -34,11 +47,20 @@ _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _DOMAIN = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
 _IFNAME = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
 
+_ULA = ipaddress.IPv6Network("fd00::/8")
+
 KEYS = {
     "description", "mode", "subnet", "mask", "mtu", "dhcp", "dhcp_range",
     "lease_time", "reservations", "dns", "dns_servers", "domain", "ipv6",
     "ipv6_prefix", "port_forwards", "external_interface", "allowed_users",
     "allowed_groups",
+}  # fmt: skip
+
+# Upstream's plist keys (PR #95), each one vmnet_network_configuration_* call.
+PLIST_KEYS = {
+    "mode", "description", "subnet", "mask", "ipv6_prefix", "ipv6_prefix_length",
+    "external_interface", "nat44", "nat66", "dhcp", "dns_proxy", "router_advertisement",
+    "mtu", "port_forwarding_rules", "dhcp_reservations",
 }  # fmt: skip
 
 
@@ -57,7 +79,7 @@ class Reservation:
 class PortForward:
     proto: str
     host_port: int
-    guest_ip: ipaddress.IPv4Address
+    guest_ip: ipaddress.IPv4Address | ipaddress.IPv6Address  # IPv6 only from a plist
     guest_port: int
 
 
@@ -74,13 +96,20 @@ class NetworkConfig:
     dhcp_range: tuple[ipaddress.IPv4Address, ipaddress.IPv4Address] | None = None
     lease_time: int = DEFAULT_LEASE_TIME
     reservations: tuple[Reservation, ...] = ()
-    dns: bool = True
+    dns: bool = True  # plist: dns_proxy
     dns_servers: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...] = ()
     domain: str | None = None  # None: "<name>.internal"
-    ipv6: bool = False
+    # A ULA prefix with router advertisements (and NAT66 when shared).  None:
+    # not said; the Linux backend has none then, vmnet does as it does.
+    ipv6: bool | None = None
     ipv6_prefix: ipaddress.IPv6Network | None = None  # None with ipv6: a stable ULA /64
     port_forwards: tuple[PortForward, ...] = ()
     external_interface: str | None = None
+    # Only a plist sets these (upstream's keys); they matter for shared
+    # networks (NAT) and networks with IPv6 (router advertisements).
+    nat44: bool = True
+    nat66: bool = True
+    router_advertisement: bool = True
     allowed_uids: frozenset[int] | None = None  # None: everyone
     allowed_gids: frozenset[int] | None = None
     source: str = "builtin"  # where this came from, for messages
@@ -103,27 +132,21 @@ BUILTINS = {
     "host": NetworkConfig("host", mode="host", description="host-only"),
 }
 
+# What a backend cannot do with a config, one sentence per thing; [] if it
+# can do all of it.
+Check = Callable[[NetworkConfig], list[str]]
+
 
 def parse_network(name: str, obj: Any, source: str = "builtin") -> NetworkConfig:
     """Validate one network's JSON object."""
-    if not _NAME.match(name):
-        raise ConfigError(f"network name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
+    base = _base(name)
     if not isinstance(obj, dict):
         raise ConfigError("the file must hold a JSON object")
-    unknown = sorted(set(obj) - KEYS)
-    if unknown:
-        raise ConfigError(f"unknown key(s): {', '.join(unknown)}")
-
-    base = BUILTINS.get(name, NetworkConfig(name))
-    cfg: dict[str, Any] = {"source": source}
+    _known_keys(obj, KEYS)
+    cfg: dict[str, Any] = {"source": source, "mode": _mode(obj, base)}
 
     if "description" in obj:
         cfg["description"] = _typed(obj, "description", str)
-    mode = obj.get("mode", base.mode)
-    if mode not in MODES:
-        raise ConfigError(f"'mode' must be one of {', '.join(MODES)}, not {mode!r}")
-    cfg["mode"] = mode
-
     if "subnet" in obj or "mask" in obj:
         cfg["subnet"] = _subnet(obj)
     if "mtu" in obj:
@@ -144,32 +167,87 @@ def parse_network(name: str, obj: Any, source: str = "builtin") -> NetworkConfig
         cfg["ipv6_prefix"] = _ipv6_prefix(obj["ipv6_prefix"])
         cfg.setdefault("ipv6", True)
     if "external_interface" in obj:
-        ifname = _typed(obj, "external_interface", str)
-        if not _IFNAME.match(ifname):
-            raise ConfigError(f"'external_interface' {ifname!r} is not an interface name")
-        cfg["external_interface"] = ifname
+        cfg["external_interface"] = _ifname(obj)
     if "allowed_users" in obj:
         cfg["allowed_uids"] = frozenset(_user(v) for v in _list(obj, "allowed_users"))
     if "allowed_groups" in obj:
         cfg["allowed_gids"] = frozenset(_group(v) for v in _list(obj, "allowed_groups"))
 
     config = replace(base, **cfg)
-    subnet = config.subnet
+    _shared_only(obj, config.mode, "port_forwards", "external_interface")
     if "dhcp_range" in obj:
-        config = replace(config, dhcp_range=_dhcp_range(obj["dhcp_range"], subnet))
+        config = replace(config, dhcp_range=_dhcp_range(obj["dhcp_range"], config.subnet))
     if "reservations" in obj:
-        config = replace(config, reservations=_reservations(obj["reservations"], subnet))
+        reservations = _reservations(obj["reservations"], config.subnet, "reservations", "mac", "ip", "hostname")
+        config = replace(config, reservations=reservations)
     if "port_forwards" in obj:
-        if config.mode != "shared":
-            raise ConfigError("'port_forwards' needs mode 'shared'")
-        config = replace(config, port_forwards=_port_forwards(obj["port_forwards"], subnet))
+        config = replace(config, port_forwards=_port_forwards(obj["port_forwards"], config, _JSON_FORWARD))
     return config
 
 
-def load_config_dir(path: str | Path | None) -> dict[str, NetworkConfig]:
-    """The builtins, overridden and extended by ``*.json`` files in ``path``.
+# plist key -> NetworkConfig field, for upstream's on/off switches.
+_PLIST_SWITCHES = {
+    "nat44": "nat44",
+    "nat66": "nat66",
+    "dhcp": "dhcp",
+    "dns_proxy": "dns",
+    "router_advertisement": "router_advertisement",
+}
 
-    Invalid files are logged with their path and reason and skipped.
+
+def parse_plist_network(name: str, obj: Any, source: str = "builtin") -> NetworkConfig:
+    """Validate one network's property list: upstream's keys and meanings (PR #95)."""
+    base = _base(name)
+    if not isinstance(obj, dict):
+        raise ConfigError("the file must hold a dictionary (<dict>)")
+    _known_keys(obj, PLIST_KEYS)
+    if "mode" not in obj:
+        raise ConfigError("'mode' is required")
+    mode = _mode(obj, base)
+    # As vmnet: a shared network has IPv6 (NAT66, router advertisements)
+    # unless switched off; a host network has it with an ipv6_prefix.
+    cfg: dict[str, Any] = {"source": source, "mode": mode, "ipv6": True if mode == "shared" else base.ipv6}
+
+    if "description" in obj:
+        cfg["description"] = _typed(obj, "description", str)
+    if "subnet" in obj or "mask" in obj:
+        cfg["subnet"] = _subnet(obj)
+    if "ipv6_prefix" in obj or "ipv6_prefix_length" in obj:
+        cfg["ipv6_prefix"] = _plist_ipv6_prefix(obj)
+        cfg["ipv6"] = True
+    if "external_interface" in obj:
+        cfg["external_interface"] = _ifname(obj)
+    for key, field in _PLIST_SWITCHES.items():
+        if key in obj:
+            cfg[field] = _typed(obj, key, bool)
+    if "mtu" in obj:
+        cfg["mtu"] = _int(obj, "mtu", 68, 65535)
+
+    config = replace(base, **cfg)
+    _shared_only(obj, mode, "port_forwarding_rules", "external_interface")
+    for key in ("nat44", "nat66"):
+        if mode != "shared" and obj.get(key) is True:
+            raise ConfigError(f"'{key}' true needs mode 'shared': a host network has no NAT")
+    if "dhcp_reservations" in obj:
+        reservations = _reservations(
+            obj["dhcp_reservations"], config.subnet, "dhcp_reservations", "mac_address", "ip_address"
+        )
+        config = replace(config, reservations=reservations)
+    if "port_forwarding_rules" in obj:
+        forwards = _port_forwards(obj["port_forwarding_rules"], config, _PLIST_FORWARD)
+        config = replace(config, port_forwards=forwards)
+    return config
+
+
+def load_config_dir(path: str | Path | None, check: Check | None = None) -> dict[str, NetworkConfig]:
+    """The builtins, overridden and extended by the ``<name>.json`` and
+    ``<name>.plist`` files in ``path``.
+
+    ``check`` says what of a config the backend cannot do (default: this
+    platform's ``platform_check()``); a file asking for any of it is refused.
+    Invalid and refused files are logged with their path and reason and their
+    network is not offered, a builtin included; so is a network with both a
+    ``.json`` and a ``.plist`` file.
     """
     networks = dict(BUILTINS)
     if path is None:
@@ -179,17 +257,45 @@ def load_config_dir(path: str | Path | None) -> dict[str, NetworkConfig]:
         if directory.exists():
             log.error("config dir %s is not a directory; offering builtins only", directory)
         return networks
-    for file in sorted(directory.glob("*.json")):
+    check = check or platform_check()
+    files: dict[str, list[Path]] = {}
+    for file in sorted([*directory.glob("*.json"), *directory.glob("*.plist")]):
+        files.setdefault(file.stem, []).append(file)
+    for name, found in sorted(files.items()):
+        if len(found) > 1:
+            log.error("config %s: network %r is defined twice; it is not offered", " and ".join(map(str, found)), name)
+            networks.pop(name, None)
+            continue
+        file = found[0]
         try:
-            obj = json.loads(file.read_text(encoding="utf-8"))
-            config = parse_network(file.stem, obj, source=str(file))
-            _check_host_ports(config, (n for name, n in networks.items() if name != file.stem))
-            networks[file.stem] = config
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            # ConfigError and json.JSONDecodeError are both ValueErrors.
-            log.error("config %s: %s; network %r is not offered", file, e, file.stem)
-            networks.pop(file.stem, None)
+            config = _read(file)
+            problems = check(config)
+            if problems:
+                raise ConfigError("; ".join(problems))
+            _check_host_ports(config, (n for other, n in networks.items() if other != name))
+            networks[name] = config
+        except (OSError, UnicodeDecodeError, ValueError, ExpatError) as e:
+            # ConfigError, json.JSONDecodeError and plistlib's errors are ValueErrors.
+            log.error("config %s: %s; network %r is not offered", file, e, name)
+            networks.pop(name, None)
     return networks
+
+
+def platform_check() -> Check:
+    """What the backend of the platform we run on cannot do (Linux or vmnet)."""
+    if sys.platform == "darwin":
+        from .backends.darwin_config import unsupported_on_darwin
+
+        return unsupported_on_darwin
+    from .backends.linux_config import unsupported_on_linux
+
+    return unsupported_on_linux
+
+
+def _read(file: Path) -> NetworkConfig:
+    if file.suffix == ".plist":
+        return parse_plist_network(file.stem, plistlib.loads(file.read_bytes()), source=str(file))
+    return parse_network(file.stem, json.loads(file.read_text(encoding="utf-8")), source=str(file))
 
 
 def _check_host_ports(config: NetworkConfig, others: Iterable[NetworkConfig]) -> None:
@@ -203,13 +309,72 @@ def _check_host_ports(config: NetworkConfig, others: Iterable[NetworkConfig]) ->
                     )
 
 
+# -- keys shared by both formats ----------------------------------------------
+
+
+def _base(name: str) -> NetworkConfig:
+    """What a file starts from: the builtin of that name, or the defaults."""
+    if not _NAME.match(name):
+        raise ConfigError(f"network name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
+    return BUILTINS.get(name, NetworkConfig(name))
+
+
+# The same setting under another name in the other format, for hints.
+_PLIST_SPELLING = {"dns": "dns_proxy", "reservations": "dhcp_reservations", "port_forwards": "port_forwarding_rules"}
+_JSON_SPELLING = {plist: json_key for json_key, plist in _PLIST_SPELLING.items()}
+
+
+def _known_keys(obj: dict[str, Any], known: set[str]) -> None:
+    unknown = sorted(set(obj) - known, key=str)
+    if not unknown:
+        return
+    here, there = (".plist", ".json") if known is PLIST_KEYS else (".json", ".plist")
+    spelling, other_keys = (_PLIST_SPELLING, KEYS) if known is PLIST_KEYS else (_JSON_SPELLING, PLIST_KEYS)
+    hints = []
+    for key in unknown:
+        if key in spelling:
+            hints.append(f"a {here} file says '{spelling[key]}' for '{key}'")
+        elif key in other_keys:
+            hints.append(f"'{key}' exists only in {there} files")
+    hint = f" ({'; '.join(hints)})" if hints else ""
+    raise ConfigError(f"unknown key(s): {', '.join(map(str, unknown))}{hint}")
+
+
+def _mode(obj: dict[str, Any], base: NetworkConfig) -> str:
+    mode = obj.get("mode", base.mode)
+    if mode not in MODES:
+        raise ConfigError(f"'mode' must be one of {', '.join(MODES)}, not {mode!r}")
+    return mode
+
+
+def _shared_only(obj: dict[str, Any], mode: str, *keys: str) -> None:
+    for key in keys:
+        if key in obj and mode != "shared":
+            raise ConfigError(f"'{key}' needs mode 'shared'")
+
+
+def _ifname(obj: dict[str, Any]) -> str:
+    ifname = _typed(obj, "external_interface", str)
+    if not _IFNAME.match(ifname):
+        raise ConfigError(f"'external_interface' {ifname!r} is not an interface name")
+    return ifname
+
+
 # -- field validators ---------------------------------------------------------
+
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it, near enough: JSON where it can be."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
 
 
 def _typed(obj: dict[str, Any], key: str, kind: type) -> Any:
     value = obj[key]
     if kind is not bool and isinstance(value, bool) or not isinstance(value, kind):
-        raise ConfigError(f"'{key}' must be a {kind.__name__}, not {json.dumps(value)}")
+        raise ConfigError(f"'{key}' must be a {kind.__name__}, not {_show(value)}")
     return value
 
 
@@ -226,16 +391,20 @@ def _list(obj: dict[str, Any], key: str) -> list[Any]:
 
 def _ip(value: Any, key: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     try:
-        return ipaddress.ip_address(value)
+        if isinstance(value, str):
+            return ipaddress.ip_address(value)
     except ValueError:
-        raise ConfigError(f"'{key}': {value!r} is not an IP address") from None
+        pass
+    raise ConfigError(f"'{key}': {_show(value)} is not an IP address")
 
 
 def _ipv4(value: Any, key: str) -> ipaddress.IPv4Address:
     try:
-        return ipaddress.IPv4Address(value)
+        if isinstance(value, str):
+            return ipaddress.IPv4Address(value)
     except ValueError:
-        raise ConfigError(f"'{key}': {value!r} is not an IPv4 address") from None
+        pass
+    raise ConfigError(f"'{key}': {_show(value)} is not an IPv4 address")
 
 
 def _subnet(obj: dict[str, Any]) -> ipaddress.IPv4Network:
@@ -247,8 +416,10 @@ def _subnet(obj: dict[str, Any]) -> ipaddress.IPv4Network:
         # The network address and the host's .1 address (vmnet's convention)
         # name the same network; strict=False accepts either.
         network = ipaddress.IPv4Network(f"{address}/{mask}", strict=False)
+        if network.netmask != ipaddress.IPv4Address(mask):  # not a prefix length or a host mask
+            raise ValueError
     except ValueError:
-        raise ConfigError(f"'mask' {mask!r} is not an IPv4 netmask") from None
+        raise ConfigError(f"'mask' {_show(mask)} is not an IPv4 netmask like 255.255.255.0") from None
     if network.prefixlen > 30:
         raise ConfigError(f"subnet {network} is too small: a /30 or larger is needed")
     if address not in (network.network_address, network.network_address + 1):
@@ -271,12 +442,43 @@ def _ipv6_prefix(value: Any) -> ipaddress.IPv6Network:
     return prefix
 
 
+def _plist_ipv6_prefix(obj: dict[str, Any]) -> ipaddress.IPv6Network:
+    """Upstream spells a prefix as an address and a length: two keys."""
+    if "ipv6_prefix" not in obj:
+        raise ConfigError("'ipv6_prefix_length' needs 'ipv6_prefix'")
+    value = obj["ipv6_prefix"]
+    length = _int(obj, "ipv6_prefix_length", 8, 128) if "ipv6_prefix_length" in obj else 64
+    try:
+        if not isinstance(value, str):
+            raise ValueError
+        address = ipaddress.IPv6Address(value)
+    except ValueError:
+        raise ConfigError(
+            f"'ipv6_prefix' {_show(value)} is not an IPv6 address like fd12:3456:789a:1:: "
+            "(the length goes in 'ipv6_prefix_length')"
+        ) from None
+    try:
+        prefix = ipaddress.IPv6Network(f"{address}/{length}")
+    except ValueError:
+        raise ConfigError(f"'ipv6_prefix' {address} has bits set past its length /{length}") from None
+    if not prefix.subnet_of(_ULA):
+        raise ConfigError(f"'ipv6_prefix' {prefix} is not a unique local prefix (within fd00::/8)")
+    return prefix
+
+
 def _in_subnet(ip: ipaddress.IPv4Address, subnet: ipaddress.IPv4Network | None, key: str) -> None:
     if subnet is None:
         raise ConfigError(f"'{key}' needs a fixed 'subnet'")
     usable = (subnet.network_address + 1, subnet.broadcast_address)
     if not subnet.network_address + 1 < ip < subnet.broadcast_address:
         raise ConfigError(f"'{key}': {ip} is not a guest address of {subnet} (gateway {usable[0]})")
+
+
+def _in_prefix(ip: ipaddress.IPv6Address, prefix: ipaddress.IPv6Network | None, key: str) -> None:
+    if prefix is None:
+        raise ConfigError(f"'{key}' {ip} needs a fixed 'ipv6_prefix'")
+    if ip not in prefix or ip in (prefix.network_address, prefix.network_address + 1):
+        raise ConfigError(f"'{key}': {ip} is not a guest address of {prefix}")
 
 
 def _dhcp_range(value: Any, subnet: ipaddress.IPv4Network | None) -> tuple[ipaddress.IPv4Address, ...]:
@@ -290,45 +492,95 @@ def _dhcp_range(value: Any, subnet: ipaddress.IPv4Network | None) -> tuple[ipadd
     return (first, last)
 
 
-def _reservations(value: Any, subnet: ipaddress.IPv4Network | None) -> tuple[Reservation, ...]:
+@contextmanager
+def _entry(key: str, number: int) -> Iterator[None]:
+    """Errors inside one entry of a list say which entry."""
+    try:
+        yield
+    except ConfigError as e:
+        raise ConfigError(f"'{key}' entry {number}: {e}") from None
+
+
+def _entries(
+    value: Any, key: str, required: set[str], optional: Iterable[str] = ()
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Each entry of a list of dictionaries with these keys, numbered from 1."""
     if not isinstance(value, list):
-        raise ConfigError("'reservations' must be a list")
+        raise ConfigError(f"'{key}' must be a list, not {_show(value)}")
+    for number, item in enumerate(value, 1):
+        with _entry(key, number):
+            if not isinstance(item, dict):
+                raise ConfigError(f"must be a dictionary with {', '.join(sorted(required))}")
+            missing = sorted(required - set(item))
+            unknown = sorted(set(item) - required - set(optional), key=str)
+            if missing:
+                raise ConfigError(f"missing key(s): {', '.join(missing)}")
+            if unknown:
+                raise ConfigError(f"unknown key(s): {', '.join(map(str, unknown))}")
+        yield number, item
+
+
+def _reservations(
+    value: Any,
+    subnet: ipaddress.IPv4Network | None,
+    key: str,
+    mac_key: str,
+    ip_key: str,
+    hostname_key: str | None = None,
+) -> tuple[Reservation, ...]:
     result: list[Reservation] = []
-    for item in value:
-        if not isinstance(item, dict) or not {"mac", "ip"} <= set(item) <= {"mac", "ip", "hostname"}:
-            raise ConfigError("each reservation is {'mac', 'ip'} with an optional 'hostname'")
-        try:
-            mac = normalize_mac(item["mac"])
-        except ProtocolError as e:
-            raise ConfigError(f"reservation: {e}") from None
-        ip = _ipv4(item["ip"], "reservations")
-        _in_subnet(ip, subnet, "reservations")
-        hostname = item.get("hostname")
-        if hostname is not None and (not isinstance(hostname, str) or not _HOSTNAME.match(hostname)):
-            raise ConfigError(f"reservation hostname {hostname!r} is not a DNS label")
-        if any(r.mac == mac or r.ip == ip for r in result):
-            raise ConfigError(f"reservation {mac} {ip} repeats a MAC or an IP")
-        result.append(Reservation(mac, ip, hostname))
+    optional = [hostname_key] if hostname_key else []
+    for number, item in _entries(value, key, {mac_key, ip_key}, optional):
+        with _entry(key, number):
+            try:
+                mac = normalize_mac(item[mac_key])
+            except ProtocolError:
+                shown = _show(item[mac_key])
+                raise ConfigError(f"'{mac_key}' {shown} is not a unicast MAC address like 52:54:00:12:34:56") from None
+            ip = _ipv4(item[ip_key], ip_key)
+            _in_subnet(ip, subnet, key)
+            hostname = item.get(hostname_key) if hostname_key else None
+            if hostname is not None and (not isinstance(hostname, str) or not _HOSTNAME.match(hostname)):
+                raise ConfigError(f"'{hostname_key}' {_show(hostname)} is not a DNS label")
+            if any(r.mac == mac or r.ip == ip for r in result):
+                raise ConfigError(f"{mac} {ip} repeats the MAC or the IP of an earlier entry")
+            result.append(Reservation(mac, ip, hostname))
     return tuple(result)
 
 
-def _port_forwards(value: Any, subnet: ipaddress.IPv4Network | None) -> tuple[PortForward, ...]:
-    if not isinstance(value, list):
-        raise ConfigError("'port_forwards' must be a list")
+class _ForwardKeys(NamedTuple):
+    """How a format spells a port forward's four fields."""
+
+    list: str
+    proto: str
+    host_port: str
+    guest_ip: str
+    guest_port: str
+
+
+_JSON_FORWARD = _ForwardKeys("port_forwards", "proto", "host_port", "guest_ip", "guest_port")
+_PLIST_FORWARD = _ForwardKeys("port_forwarding_rules", "protocol", "external_port", "internal_address", "internal_port")
+
+
+def _port_forwards(value: Any, config: NetworkConfig, keys: _ForwardKeys) -> tuple[PortForward, ...]:
     result: list[PortForward] = []
-    for item in value:
-        if not isinstance(item, dict) or set(item) != {"proto", "host_port", "guest_ip", "guest_port"}:
-            raise ConfigError("each port forward is {'proto', 'host_port', 'guest_ip', 'guest_port'}")
-        proto = item["proto"]
-        if proto not in PROTOS:
-            raise ConfigError(f"port forward 'proto' must be tcp or udp, not {proto!r}")
-        host_port = _int(item, "host_port", 1, 65535)
-        guest_port = _int(item, "guest_port", 1, 65535)
-        guest_ip = _ipv4(item["guest_ip"], "guest_ip")
-        _in_subnet(guest_ip, subnet, "port_forwards")
-        if any(f.proto == proto and f.host_port == host_port for f in result):
-            raise ConfigError(f"port forward {proto}/{host_port} is listed twice")
-        result.append(PortForward(proto, host_port, guest_ip, guest_port))
+    fields = {keys.proto, keys.host_port, keys.guest_ip, keys.guest_port}
+    for number, item in _entries(value, keys.list, fields):
+        with _entry(keys.list, number):
+            proto = item[keys.proto]
+            if proto not in PROTOS:
+                raise ConfigError(f"'{keys.proto}' must be tcp or udp, not {_show(proto)}")
+            host_port = _int(item, keys.host_port, 1, 65535)
+            guest_port = _int(item, keys.guest_port, 1, 65535)
+            # The address family follows the address (IPv6: a plist on macOS).
+            guest_ip = _ip(item[keys.guest_ip], keys.guest_ip)
+            if guest_ip.version == 4:
+                _in_subnet(guest_ip, config.subnet, keys.list)
+            else:
+                _in_prefix(guest_ip, config.ipv6_prefix, keys.list)
+            if any(f.proto == proto and f.host_port == host_port for f in result):
+                raise ConfigError(f"{proto}/{host_port} is listed twice")
+            result.append(PortForward(proto, host_port, guest_ip, guest_port))
     return tuple(result)
 
 

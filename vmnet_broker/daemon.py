@@ -26,10 +26,12 @@ from types import ModuleType
 from . import _native
 from .backends.base import Backend
 from .backends.darwin import DarwinBackend
+from .backends.darwin_config import unsupported_on_darwin
 from .backends.linux import LinuxBackend
+from .backends.linux_config import unsupported_on_linux
 from .broker import DEFAULT_IDLE_TIMEOUT, Broker
 from .client import DEFAULT_SERVICE, DEFAULT_SOCKET
-from .config import DEFAULT_CONFIG_DIR, load_config_dir
+from .config import DEFAULT_CONFIG_DIR, Check, load_config_dir
 from .transports.seqpacket import SeqpacketServer
 from .transports.xpc import XpcServer
 
@@ -179,6 +181,11 @@ def _is_darwin(native: ModuleType) -> bool:
     return getattr(native, "PLATFORM", "linux") == "darwin"
 
 
+def _config_check(native: ModuleType) -> Check:
+    """What this platform's backend cannot do: such a config file is refused at load."""
+    return unsupported_on_darwin if _is_darwin(native) else unsupported_on_linux
+
+
 def _backend(options: Options, native: ModuleType, loop: asyncio.AbstractEventLoop) -> Backend:
     if _is_darwin(native):
         return DarwinBackend(native)
@@ -257,7 +264,7 @@ async def _serve(options: Options, native: ModuleType) -> int:
     started = time.monotonic()
     log.info("vmnet-broker starting (pid %d)", os.getpid())
 
-    configs = load_config_dir(options.config_dir)
+    configs = load_config_dir(options.config_dir, check=_config_check(native))
     backend = _backend(options, native, loop)
     backend.cleanup_leftovers()
 
