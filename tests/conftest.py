@@ -61,6 +61,39 @@ def require_services() -> None:
     require_tools("nft", "dnsmasq", "busybox")
 
 
+ZIGLANG_VERSION = "0.17.1"  # the Apple headers tools/darwin-check uses; pinned in pyproject.toml too
+
+
+def _darwin_toolchain_missing() -> str | None:
+    """What tools/darwin-check/check.sh lacks here: LLVM >= 19 with lld, and ziglang + pybind11."""
+    import importlib.metadata
+    import importlib.util
+
+    llvm = os.environ.get("LLVM")
+    dirs = [Path(llvm)] if llvm else [Path(f"/usr/lib/llvm-{v}/bin") for v in (22, 21, 20, 19)]
+    llvm_bin = next((d for d in dirs if (d / "clang++").exists() and (d / "ld64.lld").exists()), None)
+    if llvm_bin is None:
+        return "needs clang >= 19 and lld (apt-get install clang-19 lld-19 llvm-19)"
+    for tool in ("llvm-nm", "llvm-otool", "llvm-readobj"):
+        if not (llvm_bin / tool).exists():
+            return f"needs {llvm_bin / tool} (apt-get install llvm-19)"
+    for module in ("ziglang", "pybind11"):
+        if importlib.util.find_spec(module) is None:
+            return f"needs the {module} package in this interpreter (pip install -e '.[test,darwin-check]')"
+    if importlib.metadata.version("ziglang") != ZIGLANG_VERSION:
+        return f"needs ziglang=={ZIGLANG_VERSION}, not {importlib.metadata.version('ziglang')}"
+    return None
+
+
+def require_darwin_toolchain() -> None:
+    """The macOS compile-and-link check's tools: skip without them, fail under CI=true."""
+    missing = _darwin_toolchain_missing()
+    if missing:
+        if CI:
+            pytest.fail(f"macOS build check cannot run under CI: {missing}", pytrace=False)
+        pytest.skip(missing)
+
+
 _skipped: list[str] = []
 
 
