@@ -8,7 +8,8 @@ socket per Mach service name under ``$VMB_FAKE_XPC_DIR``, so brokers and
 clients are real, separate processes: a peer's credentials come from
 SO_PEERCRED, a dead client is a "gone" event, a dead broker an interrupted
 connection.  vmnet is played by a subnet counter; ``$VMB_FAKE_VMNET_FAIL``
-(a vmnet_return_t number) makes ``create_network`` fail with it.
+(a vmnet_return_t number) makes ``create_network`` fail with it, and
+``$VMB_FAKE_XPC_LISTENER_ERROR`` makes the listener report that error.
 
     python -m tests.fake_darwin serve [vmnet-broker serve options]
     python -m tests.fake_darwin client NAME...          # our Client, prints like upstream's test.c
@@ -205,6 +206,9 @@ class XpcListener:
         self._stop_r, self._stop_w = os.pipe()
         self._thread = threading.Thread(target=self._run, name="fake-xpc-queue", daemon=True)
         self._thread.start()
+        if os.environ.get("VMB_FAKE_XPC_LISTENER_ERROR"):
+            # What launchd gives a listener whose name is not in its plist.
+            self._push(_event("error", description=os.environ["VMB_FAKE_XPC_LISTENER_ERROR"]))
 
     def fileno(self) -> int:
         return self._read_fd

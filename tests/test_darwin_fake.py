@@ -433,3 +433,14 @@ def test_a_plist_network_is_created_with_its_options(make_broker):
         'fake vmnet_network_create mode=1000 options={"dhcp": false, "mask": "255.255.255.0", "subnet": "192.168.77.1"}'
     ]
     assert "vmnet reports subnet 192.168.77.1 mask 255.255.255.0" in broker.log()
+
+
+def test_listener_error_exits_non_zero(make_broker):
+    broker = make_broker(env={"VMB_FAKE_XPC_LISTENER_ERROR": "Connection invalid"}, start=False)
+    with open(broker.log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.fake_darwin", "serve", *broker.args],
+            cwd=REPO, env=broker.broker_env, stderr=log,
+        )  # fmt: skip
+    assert proc.wait(20) == 1
+    assert "XPC listener failed: Connection invalid" in broker.log()
