@@ -86,6 +86,15 @@ def _parser() -> argparse.ArgumentParser:
         help="start a broker and two guests in namespaces, ping, show status, clean up",
         description="Needs root. Touches nothing outside the network namespaces it creates.",
     )
+    doctor = commands.add_parser(
+        "doctor",
+        help="report leftovers, subnet clashes, degraded networks, unsafe directories, missing tools",
+        description="Looks and reports; changes nothing. Exit status 0 when all is well, 1 otherwise.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    doctor.add_argument("--socket", default=None, help="broker socket (default: $VMNET_BROKER_SOCKET or the default)")
+    doctor.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help="the broker's state directory")
+    doctor.add_argument("--config-dir", default=DEFAULT_CONFIG_DIR, help="the broker's config directory")
     _add_service_commands(commands)
     return parser
 
@@ -126,6 +135,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(options)
     if args.command == "status":
         return _status(args.socket, args.json)
+    if args.command == "doctor":
+        from .doctor import run_doctor
+
+        return run_doctor(args.socket, args.state_dir, args.config_dir)
     if args.command == "demo":
         from .demo import run_demo
 
