@@ -97,8 +97,10 @@ class BrokerProcess:
         namespace: Namespace | None = None,
         extra_args: tuple[str, ...] = (),
         wrapper: tuple[str, ...] = (),
+        python: str = sys.executable,
     ) -> None:
         self.workdir = Path(workdir)
+        self.python = python  # e.g. a fresh venv's, to serve from an installed package
         self.socket_path = str(self.workdir / "broker.sock")
         self.state_dir = str(self.workdir / "state")
         self.log_path = self.workdir / "broker.log"
@@ -114,7 +116,7 @@ class BrokerProcess:
 
     def command(self) -> list[str]:
         cmd = [
-            sys.executable, "-m", "vmnet_broker", "serve",
+            self.python, "-m", "vmnet_broker", "serve",
             "--socket", self.socket_path,
             "--state-dir", self.state_dir,
             "--idle-timeout", str(self.idle_timeout),
