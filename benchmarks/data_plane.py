@@ -1,6 +1,6 @@
 """Guest-to-guest TCP throughput through the broker, against a veth baseline.
 
-    sudo .venv/bin/python benchmarks/data_plane.py [--seconds 3] [--repeat 3]
+    sudo .venv/bin/python benchmarks/data_plane.py [--seconds 3] [--repeat 3] [--streams 1]
 
 Every path runs iperf3 between two namespace guests, all inside namespaces
 made for the run:
@@ -13,7 +13,9 @@ made for the run:
 - each with and without vnet_hdr (TSO: 64 KiB frames pass unsplit)
 
 Prints Gbit/s (median of --repeat runs) and the ratio to the baseline of
-the same run, since this machine is shared and noisy.
+the same run, since this machine is shared and noisy.  ``measure()`` gives
+the same rows to benchmarks/vm_plane.py, which puts them beside real VMs'
+in one table, JSON file and chart.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import report  # noqa: E402
 from vmnet_broker import Client  # noqa: E402
 from vmnet_broker.guest import Guest  # noqa: E402
 from vmnet_broker.sandbox import BrokerProcess, Namespace, unique_name  # noqa: E402
@@ -37,14 +39,17 @@ from vmnet_broker.sandbox import BrokerProcess, Namespace, unique_name  # noqa: 
 SERVER, CLIENT = "10.0.0.2", "10.0.0.1"
 
 
-def iperf(client_ns: Namespace, server_ns: Namespace, server_ip: str, seconds: int) -> float:
+BASELINE = "veth-bridge-veth"
+
+
+def iperf(client_ns: Namespace, server_ns: Namespace, server_ip: str, seconds: int, streams: int = 1) -> float:
     """Gbit/s received by the server in one TCP run."""
     server = server_ns.popen(["iperf3", "-s", "-1", "-B", server_ip], stdout=subprocess.DEVNULL)
     try:
         out = None
         for _ in range(50):  # the server needs a moment to listen
-            run = client_ns.run("iperf3", "-c", server_ip, "-t", str(seconds), "-J", check=False,
-                                timeout=seconds + 30)  # fmt: skip
+            run = client_ns.run("iperf3", "-c", server_ip, "-t", str(seconds), "-P", str(streams), "-J",
+                                check=False, timeout=seconds + 30)  # fmt: skip
             try:
                 result = json.loads(run.stdout)
             except ValueError:
@@ -61,7 +66,7 @@ def iperf(client_ns: Namespace, server_ns: Namespace, server_ip: str, seconds: i
         server.wait()
 
 
-def baseline(seconds: int, repeat: int) -> list[float]:
+def baseline(seconds: int, repeat: int, streams: int = 1) -> list[float]:
     hub, a, b = (Namespace(unique_name("vmbt")) for _ in range(3))
     try:
         for ns in (hub, a, b):
@@ -73,13 +78,14 @@ def baseline(seconds: int, repeat: int) -> list[float]:
             hub.ip("link", "set", f"p{i}", "master", "br0", "up")
             ns.ip("addr", "add", f"{ip}/24", "dev", "eth0")
             ns.ip("link", "set", "eth0", "up")
-        return [iperf(a, b, SERVER, seconds) for _ in range(repeat)]
+        return [iperf(a, b, SERVER, seconds, streams) for _ in range(repeat)]
     finally:
         for ns in (hub, a, b):
             ns.close()
 
 
-def through_broker(socket_path: str, kind: str, vnet_hdr: bool, seconds: int, repeat: int) -> list[float]:
+def through_broker(socket_path: str, kind: str, vnet_hdr: bool, seconds: int, repeat: int,
+                   streams: int = 1) -> list[float]:  # fmt: skip
     with Client(socket_path) as client:
         net = client.acquire_network("shared")
         guests = []
@@ -90,7 +96,7 @@ def through_broker(socket_path: str, kind: str, vnet_hdr: bool, seconds: int, re
                 guest.configure(f"{net.subnet[:-1]}{host}/24")
             a, b = guests
             server_ip = f"{net.subnet[:-1]}11"
-            return [iperf(a.namespace, b.namespace, server_ip, seconds) for _ in range(repeat)]
+            return [iperf(a.namespace, b.namespace, server_ip, seconds, streams) for _ in range(repeat)]
         finally:
             for guest in guests:
                 guest.close()
@@ -98,29 +104,28 @@ def through_broker(socket_path: str, kind: str, vnet_hdr: bool, seconds: int, re
                 client.detach(guest.interface)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=int, default=3)
-    parser.add_argument("--repeat", type=int, default=3)
-    args = parser.parse_args()
-    if shutil.which("iperf3") is None:
-        print("needs iperf3 (apt-get install iperf3)", file=sys.stderr)
-        return 1
-
-    results: dict[str, list[float]] = {"baseline veth-bridge-veth": baseline(args.seconds, args.repeat)}
+def measure(seconds: int, repeat: int, streams: int = 1) -> list[report.Row]:
+    """The namespace rows: the veth baseline, then tap and dgram with and without vnet_hdr."""
+    results: dict[str, list[float]] = {BASELINE: baseline(seconds, repeat, streams)}
     with tempfile.TemporaryDirectory(prefix="vmb-bench-") as tmp:
         with BrokerProcess(tmp, log_level="warning") as broker:
             for kind in ("tap", "dgram"):
                 for vnet_hdr in (True, False):
-                    label = f"{kind}{' vnet_hdr' if vnet_hdr else ''}"
-                    results[label] = through_broker(broker.socket_path, kind, vnet_hdr, args.seconds, args.repeat)
+                    label = f"{kind} fd{' + vnet_hdr' if vnet_hdr else ''}"  # the names vm_plane.py uses
+                    results[label] = through_broker(broker.socket_path, kind, vnet_hdr, seconds, repeat, streams)
+    return report.rows("namespace", results, BASELINE, direction="guest->guest", streams=streams)
 
-    base = statistics.median(results["baseline veth-bridge-veth"])
-    print(f"guest -> guest TCP, iperf3 -t {args.seconds}, median of {args.repeat}")
-    for label, samples in results.items():
-        med = statistics.median(samples)
-        spread = f"{min(samples):.2f}-{max(samples):.2f}"
-        print(f"{label:<26} {med:7.2f} Gbit/s  ({spread})  x{med / base:5.2f} of baseline")
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--streams", type=int, default=1, help="parallel TCP streams (iperf3 -P)")
+    args = parser.parse_args()
+    if shutil.which("iperf3") is None:
+        print("needs iperf3 (apt-get install iperf3)", file=sys.stderr)
+        return 1
+    print(report.table(measure(args.seconds, args.repeat, args.streams)))
     return 0
 
 

@@ -224,6 +224,7 @@ void bind_listener(py::module_& m) {
       .def_property_readonly(
           "message", [](const vmb::XpcEvent& e) { return to_python(e.message); },
           "The request's dictionary as plain values (a new dict each access); {} otherwise.")
+      .def_readonly("invalid", &vmb::XpcEvent::invalid)
       .def_readonly("description", &vmb::XpcEvent::description)
       .def("__repr__", [](const vmb::XpcEvent& e) {
         return "XpcEvent(kind=" + py::repr(py::str(e.kind)).cast<std::string>() + ", peer=" + std::to_string(e.peer) +
@@ -322,19 +323,21 @@ void bind_client(py::module_& m) {
       .def(py::init<std::string, bool>(), py::arg("service_name"), py::arg("privileged") = false)
       .def(
           "send",
-          [](vmb::XpcClient& c, const py::dict& message) {
+          [](vmb::XpcClient& c, const py::dict& message, const std::vector<std::string>& opaque) {
             vmb::ValueMap request = message_from_python(message);
             vmb::Value reply;
             {
               py::gil_scoped_release release;  // waits for the service
-              reply = c.send(request);
+              reply = c.send(request, opaque);
             }
             return to_python(reply);
           },
-          py::arg("message"),
+          py::arg("message"), py::arg("opaque") = std::vector<std::string>(),
           "xpc_connection_send_message_with_reply_sync (GIL released); the reply as plain\n"
-          "values.  XpcError for an XPC error reply; ValueError if ``message`` cannot be\n"
-          "converted; OSError after close().")
+          "values, except that in a dictionary reply the values of the keys in ``opaque``\n"
+          "stay XpcObjects (a vmnet serialization is a dictionary to be handed back as is).\n"
+          "XpcError for an XPC error reply; ValueError if ``message`` or the reply cannot\n"
+          "be converted; OSError after close().")
       .def("close", &vmb::XpcClient::close, nogil(), "Cancel and release the connection; idempotent.");
 }
 

@@ -20,6 +20,7 @@ connection.  vmnet is played by a subnet counter; ``$VMB_FAKE_VMNET_FAIL``
 from __future__ import annotations
 
 import collections
+import errno
 import ipaddress
 import itertools
 import json
@@ -31,6 +32,7 @@ import sys
 import threading
 import types
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 PLATFORM = "darwin"
@@ -69,23 +71,24 @@ class XpcError(ConnectionError):
 
 
 class XpcObject:
-    """An opaque XPC object: here a token that survives the trip between processes."""
+    """An XPC object Python does not look into.
 
-    def __init__(self, token: str, type_name: str = "dictionary") -> None:
-        self.token = token
+    As in XPC, two received objects are never the same object (equality is
+    identity); ``content`` is what the object holds, as plain values.  A
+    ``dictionary`` (a vmnet serialization is one) crosses the wire as a
+    dictionary and arrives as plain values unless its key is kept opaque,
+    exactly as the C++ converts it.
+    """
+
+    def __init__(self, content: Any, type_name: str = "dictionary") -> None:
+        self.content = content
         self.type_name = type_name
 
     def description(self) -> str:
-        return f"<{self.type_name}: {self.token}>"
+        return f"<{self.type_name}> {_encode(self.content, 1)}"
 
     def pointer(self) -> int:
-        return hash(self.token) & 0xFFFFFFFFFFFF
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, XpcObject) and other.token == self.token
-
-    def __hash__(self) -> int:
-        return hash(self.token)
+        return id(self)
 
 
 def xpc_transaction_begin() -> None:
@@ -101,9 +104,15 @@ def xpc_transaction_end() -> None:
 # -- values on the fake wire: tagged, so every XPC type keeps its type ---------
 
 
-def _encode(value: Any, depth: int = 0) -> Any:
+def _container(depth: int, count: int, kind: str) -> None:
+    # As csrc/darwin/value.cpp: the message dictionary is depth 1.
     if depth > MAX_DEPTH:
-        raise ValueError(f"nested deeper than {MAX_DEPTH}")
+        raise ValueError(f"{kind} nested deeper than {MAX_DEPTH} levels")
+    if count > MAX_ENTRIES:
+        raise ValueError(f"{kind} of {count} entries (at most {MAX_ENTRIES})")
+
+
+def _encode(value: Any, depth: int = 1) -> Any:
     if value is None:
         return ["n"]
     if isinstance(value, bool):
@@ -121,23 +130,21 @@ def _encode(value: Any, depth: int = 0) -> Any:
     if isinstance(value, bytes):
         return ["x", value.hex()]
     if isinstance(value, XpcObject):
-        return ["X", value.token, value.type_name]
+        if value.type_name == "dictionary":
+            return _encode(value.content, depth)
+        return ["X", value.content, value.type_name]
     if isinstance(value, (list, tuple)):
-        if len(value) > MAX_ENTRIES:
-            raise ValueError(f"more than {MAX_ENTRIES} entries")
+        _container(depth, len(value), "array")
         return ["a", [_encode(v, depth + 1) for v in value]]
     if isinstance(value, dict):
-        if len(value) > MAX_ENTRIES:
-            raise ValueError(f"more than {MAX_ENTRIES} entries")
+        _container(depth, len(value), "dictionary")
         if not all(isinstance(k, str) for k in value):
             raise ValueError("dictionary keys must be strings")
         return ["o", {k: _encode(v, depth + 1) for k, v in value.items()}]
     raise ValueError(f"{type(value).__name__} has no XPC type")
 
 
-def _decode(tagged: Any, depth: int = 0) -> Any:
-    if depth > MAX_DEPTH:
-        raise ValueError(f"nested deeper than {MAX_DEPTH}")
+def _decode(tagged: Any, depth: int = 1, opaque: Sequence[str] = ()) -> Any:
     tag = tagged[0]
     if tag == "n":
         return None
@@ -148,9 +155,14 @@ def _decode(tagged: Any, depth: int = 0) -> Any:
     if tag == "X":
         return XpcObject(tagged[1], tagged[2])
     if tag == "a":
+        _container(depth, len(tagged[1]), "array")
         return [_decode(v, depth + 1) for v in tagged[1]]
     if tag == "o":
-        return {k: _decode(v, depth + 1) for k, v in tagged[1].items()}
+        _container(depth, len(tagged[1]), "dictionary")
+        return {
+            k: XpcObject(_decode(v, depth + 1)) if k in opaque and v[0] == "o" else _decode(v, depth + 1)
+            for k, v in tagged[1].items()
+        }
     raise ValueError(f"unknown tag {tag!r}")
 
 
@@ -176,11 +188,12 @@ class XpcEvent(types.SimpleNamespace):
     gid: int
     request: int
     message: dict[str, object]
+    invalid: str
     description: str
 
 
 def _event(kind: str, **fields: Any) -> XpcEvent:
-    base = dict(peer=0, pid=0, uid=0, gid=0, request=0, message={}, description="")
+    base = dict(peer=0, pid=0, uid=0, gid=0, request=0, message={}, invalid="", description="")
     base.update(fields)
     return XpcEvent(kind=kind, **base)
 
@@ -252,14 +265,15 @@ class XpcListener:
                     self._push(_event("gone", peer=peer))
                     continue
                 serial, tagged = json.loads(data)
+                message, invalid = {}, ""
                 try:
                     message = _decode(tagged)
                 except (ValueError, RecursionError) as e:
-                    message = {"__invalid__": str(e)}
+                    invalid = str(e)
                 request = next(self._ids)
                 with self._lock:
                     self._pending[request] = (peer, serial)
-                self._push(_event("request", peer=peer, request=request, message=message))
+                self._push(_event("request", peer=peer, request=request, message=message, invalid=invalid))
 
     def drain(self) -> list[XpcEvent]:
         try:
@@ -319,7 +333,7 @@ class XpcClient:
         self._serial = itertools.count(1)
         self._closed = False
 
-    def send(self, message: dict[str, object]) -> object:
+    def send(self, message: dict[str, object], opaque: Sequence[str] = ()) -> object:
         if self._closed:
             raise OSError("the connection is closed")
         tagged = _encode(message)
@@ -345,7 +359,7 @@ class XpcClient:
             raise XpcError("Connection interrupted")
         got, tagged_reply = json.loads(data)
         assert got == serial, "fake XPC replies out of order"
-        return _decode(tagged_reply)
+        return _decode(tagged_reply, opaque=opaque)
 
     def close(self) -> None:
         self._closed = True
@@ -362,20 +376,28 @@ _next_subnet = itertools.count(64)
 class VmnetNetwork:
     def __init__(self, serialization: XpcObject) -> None:
         self._serialization = serialization
-        self._info = json.loads(serialization.token)
+        self._info = json.loads(serialization.content["networkSerialization"])
         self.closed = False
 
+    def _open(self) -> None:
+        if self.closed:
+            raise OSError(errno.EBADF, "vmnet network closed")
+
     def serialization(self) -> XpcObject:
+        self._open()
         return self._serialization
 
     def ipv4_subnet(self) -> tuple[str, str]:
+        self._open()
         return self._info["subnet"], self._info["mask"]
 
     def ipv6_prefix(self) -> tuple[str, int]:
+        self._open()
         return self._info["ipv6"], self._info["ipv6_len"]
 
     def pointer(self) -> int:
-        return self._serialization.pointer()
+        self._open()
+        return id(self)
 
     def close(self) -> None:
         self.closed = True
@@ -397,7 +419,7 @@ def create_network(mode: int, **options: Any) -> VmnetNetwork:
     for proto, _, address, _ in options.get("port_forwards", []):
         if proto not in ("tcp", "udp"):
             raise ValueError(f"unknown protocol {proto!r}")
-        ipaddress.IPv4Address(address)
+        ipaddress.ip_address(address)  # IPv4, or IPv6 (an in6_addr), as the C++
     for mac, ip in options.get("dhcp_reservations", []):
         if len(bytes.fromhex(mac.replace(":", ""))) != 6:
             raise ValueError(f"bad MAC {mac!r}")
@@ -413,8 +435,9 @@ def create_network(mode: int, **options: Any) -> VmnetNetwork:
         subnet, mask = f"192.168.{next(_next_subnet)}.1", "255.255.255.0"
     ipv6 = options.get("ipv6_prefix", f"fd{uuid.uuid4().hex[:2]}:{uuid.uuid4().hex[:4]}:{uuid.uuid4().hex[:4]}::")
     length = options.get("ipv6_prefix_len", 64)
-    token = json.dumps({"id": uuid.uuid4().hex, "subnet": subnet, "mask": mask, "ipv6": ipv6, "ipv6_len": length})
-    return VmnetNetwork(XpcObject(token))
+    # What vmnet's serialization is: a dictionary holding opaque data.
+    blob = json.dumps({"id": uuid.uuid4().hex, "subnet": subnet, "mask": mask, "ipv6": ipv6, "ipv6_len": length})
+    return VmnetNetwork(XpcObject({"networkSerialization": blob.encode()}))
 
 
 def network_from_serialization(serialization: XpcObject) -> VmnetNetwork:
@@ -422,7 +445,7 @@ def network_from_serialization(serialization: XpcObject) -> VmnetNetwork:
         raise TypeError("a serialization is an XpcObject")
     try:
         return VmnetNetwork(serialization)
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, TypeError):
         raise VmnetError(1003, "vmnet_network_create_with_serialization") from None
 
 
@@ -458,7 +481,7 @@ def _client_main(names: list[str], hold: bool) -> int:
             print(f"fail network_from_serialization {e.status}", flush=True)
             return 1
         print(f"{name}: {network.subnet}/{network.mask} gateway {network.gateway}", file=sys.stderr, flush=True)
-        tokens.append(network.serialization.token)
+        tokens.append(network.serialization.description())
     if hold:
         print("held " + json.dumps(tokens), flush=True)
         threading.Event().wait()
@@ -473,7 +496,7 @@ def _upstream_client_main(names: list[str]) -> int:
     conn = XpcClient(default_service_name())
     for name in names:
         try:
-            reply = conn.send({"command": "acquire", "network_name": name})
+            reply = conn.send({"command": "acquire", "network_name": name}, ["network"])
         except XpcError:
             print("fail acquire_network 1", flush=True)
             return 1

@@ -21,6 +21,12 @@ A NIC is a ``Nic`` or a tuple:
 
 The fds are passed to QEMU with ``pass_fds``; the caller closes its copies
 once ``start()`` returned.
+
+``launcher=[...]`` puts a program before QEMU's argv: one that execs it
+(``vmnet-broker run ... --qemu --``, which adds the NIC itself: pass
+``nic=None``) or starts it as a child (a launcher script).  QEMU and its
+launcher share one process group; ``kill()`` and ``group_pids()`` work on
+the group, so a QEMU whose launcher died is still found and killed.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,6 +202,7 @@ class Vm:
         hard_timeout: float = 600,
         boot_timeout: float = 120,
         append: str = "",
+        launcher: Sequence[str] = (),  # argv before QEMU's: `vmnet-broker run ... --`, a launcher script
     ) -> None:
         if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", name):
             raise ValueError(f"VM name {name!r} is not a host name")
@@ -206,6 +214,7 @@ class Vm:
         self.memory, self.cpus = memory, cpus
         self.hard_timeout, self.boot_timeout = hard_timeout, boot_timeout
         self.append = append
+        self.launcher = list(launcher)
         self.console_path = self.workdir / f"{name}.console.log"
         self.serial_path = self.workdir / f"{name}.serial.log"
         self.stderr_path = self.workdir / f"{name}.qemu.log"
@@ -236,6 +245,7 @@ class Vm:
         ]  # fmt: skip
         if self.nic is not None:
             cmd += self.nic.qemu_args()
+        cmd = self.launcher + cmd
         if self.netns:
             cmd = ["ip", "netns", "exec", self.netns, *cmd]
         return cmd
@@ -294,13 +304,15 @@ class Vm:
         if self.process is None or self._stopped:
             return self.process.returncode if self.process else None
         self._stopped = True
-        if self.alive() and self._ready:
+        if self._ready and not self._eof:  # QEMU is there, even if a launcher before it is not
             try:
                 self._send(b"P\n")
             except OSError:
                 pass
+            with self._cond:
+                self._cond.wait_for(lambda: self._eof, timeout)
         try:
-            self.process.wait(timeout if self._ready else 0.1)
+            self.process.wait(1 if self._ready else 0.1)
         except subprocess.TimeoutExpired:
             pass
         self.kill()
@@ -316,21 +328,34 @@ class Vm:
         return self.process.returncode
 
     def kill(self) -> None:
-        """SIGKILL QEMU's whole process group (idempotent)."""
+        """SIGKILL QEMU's whole process group (idempotent).
+
+        Also after the group's leader is gone: a launcher killed before its
+        QEMU leaves QEMU in the group, and the kernel keeps the group's id
+        from being reused while any member lives.
+        """
         if self.process is None:
             return
-        if self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         try:
             self.process.wait(10)
         except subprocess.TimeoutExpired:
             pass
+        deadline = time.monotonic() + 10
+        while self.group_pids() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def group_pids(self) -> list[int]:
+        """Live processes in QEMU's process group (the launcher, QEMU), zombies excluded."""
+        if self.process is None:
+            return []
+        return [pid for pid, (pgrp, state) in _process_table().items() if pgrp == self.process.pid and state != "Z"]
 
     def _hard_timeout(self) -> None:
-        if self.alive():
+        if self.alive() or self.group_pids():
             self._note(f"hard timeout ({self.hard_timeout} s): killing QEMU")
             self.kill()
 
@@ -458,6 +483,36 @@ class Vm:
         code = self.process.poll() if self.process else None
         return (f"--- {self.name}: qemu exit {code}; stderr:\n{stderr[-tail:]}"
                 f"--- console ({self.console_path}):\n{self.console()[-tail:]}")  # fmt: skip
+
+
+# -- processes ----------------------------------------------------------------------------
+
+
+def _process_table() -> dict[int, tuple[int, str]]:
+    """pid -> (process group, state) for every process."""
+    table = {}
+    for stat_path in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat_path.read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2 :].split()  # after "pid (comm) "
+        table[int(stat_path.parent.name)] = (int(fields[2]), fields[0])
+    return table
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` so far (all its threads)."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_share(pid: int, seconds: float = 2.0) -> float:
+    """Cores ``pid`` used over the next ``seconds`` (1.0: one core flat out)."""
+    before, started = cpu_seconds(pid), time.monotonic()
+    time.sleep(seconds)
+    return (cpu_seconds(pid) - before) / (time.monotonic() - started)
 
 
 # -- skipping --------------------------------------------------------------------------------

@@ -164,6 +164,7 @@ def reservation(**changes):
         ({"mode": "shared", "mtu": 9000.0}, "'mtu' must be a int"),
         ({"mode": "shared", "mtu": True}, "'mtu' must be a int"),
         ({"mode": "shared", "mtu": 67}, "'mtu' must be between"),
+        ({"mode": "shared", "mtu": 65522}, "'mtu' must be between 68 and 65521"),
         ({"mode": "shared", "nat44": 0}, "'nat44' must be a bool"),
         ({"mode": "shared", "dns_proxy": "no"}, "'dns_proxy' must be a bool"),
         ({"mode": "shared", "description": datetime.datetime(2026, 1, 1)}, "'description' must be a str"),
@@ -255,7 +256,7 @@ def test_any_plist_values_give_a_config_or_a_config_error(obj):
 @given(
     mode=st.sampled_from(["shared", "host"]),
     switches=st.dictionaries(st.sampled_from(["dhcp", "dns_proxy", "router_advertisement"]), st.booleans()),
-    mtu=st.integers(68, 65535),
+    mtu=st.integers(config.MIN_MTU, config.MAX_MTU),
     third=st.integers(0, 255),
     fmt=st.sampled_from([plistlib.FMT_XML, plistlib.FMT_BINARY]),
 )

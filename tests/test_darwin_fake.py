@@ -221,6 +221,34 @@ def test_malformed_dictionary_is_invalid_request_and_keeps_state(broker, message
         conn.close()
 
 
+def test_a_dictionary_beyond_the_conversion_limits_is_invalid_request(broker):
+    """The C++ listener hands such a request over as "invalid"; the fake does the same."""
+    import socket
+
+    deep: list = ["s", "x"]
+    for _ in range(9):
+        deep = ["a", [deep]]
+    wide = ["a", [["i", i] for i in range(1025)]]
+    for value in (deep, wide):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+            s.connect(fake_darwin._socket_path(broker.service))
+            message = ["o", {"command": ["s", "acquire"], "network_name": ["s", "shared"], "extra": value}]
+            s.send(json.dumps([1, message]).encode())
+            _, reply = json.loads(s.recv(1 << 20))
+        assert fake_darwin._decode(reply)["error"] == 4
+    assert broker.status()["networks"] == []
+
+
+def test_a_key_named_like_our_marker_is_just_another_key(broker):
+    """Upstream reads command and network_name only; so do we, whatever else comes."""
+    conn = fake_darwin.XpcClient(broker.service)
+    try:
+        reply = conn.send({"command": "acquire", "network_name": "shared", "__invalid__": "x"}, ["network"])
+        assert "network" in reply and "error" not in reply
+    finally:
+        conn.close()
+
+
 def test_ninth_network_is_internal_error_before_lookup(make_broker):
     broker = make_broker(start=False)
     for i in range(8):
@@ -270,7 +298,9 @@ def test_our_client_gets_the_network_and_its_serialization(broker):
         assert net.prefix_len == 64 and net.ipv6_prefix
         vmnet = net.vmnet_network()
         assert vmnet.ipv4_subnet() == (net.gateway, net.mask)
-        assert client.acquire_network("shared").serialization == net.serialization
+        # XPC decodes a new object per reply: the same network is the same content.
+        again = client.acquire_network("shared").serialization
+        assert again is not net.serialization and again.description() == net.serialization.description()
 
 
 def test_status_and_release_ride_the_same_dictionaries(broker):
@@ -308,7 +338,15 @@ def test_our_client_works_against_a_broker_that_answers_like_upstream(tmp_path, 
         net = client.acquire_network("shared")
         thread.join()
         assert (net.subnet, net.mask, net.gateway) == ("192.168." + net.subnet.split(".")[2] + ".0", "255.255.255.0", net.gateway)
-        assert net.serialization == network.serialization()
+        assert net.serialization.description() == network.serialization().description()
+
+        # A serialization vmnet cannot turn back into a network (here: not
+        # one at all) still acquires: the addresses are just unknown.
+        thread = threading.Thread(target=serve_one, args=({"network": {"junk": b"x"}},))
+        thread.start()
+        net = client.acquire_network("shared")
+        thread.join()
+        assert net.subnet == "" and net.serialization is not None
 
         thread = threading.Thread(target=serve_one, args=({"error": 5},))
         thread.start()

@@ -280,3 +280,93 @@ def test_kill_leftovers_kills_only_dnsmasq_started_with_our_config(fake_dnsmasq,
             os.waitpid(pid, 0)  # the test process is its parent after all
         except ChildProcessError:
             pass
+
+
+# -- DHCP for guests booting together (issue 9, item 5) ---------------------------
+
+
+@pytest.mark.parametrize("spec", [SHARED, HOST, CUSTOM, NO_DNS], ids=lambda s: s.name)
+def test_dhcp_answers_at_once_as_the_only_server_of_the_subnet(spec):
+    conf = lines(spec)
+    # no-ping: no ~3 s conflict ping before each offer, which serialised DHCP.
+    for option in ("no-ping", "dhcp-authoritative", "dhcp-rapid-commit"):
+        assert option in conf
+
+
+# -- the generator refuses what config.py should have refused (issue 8, class 1) ----
+
+from dataclasses import replace  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"domain": "shared.internal\nenable-tftp"},
+        {"domain": "Shared.Internal"},
+        {"name": "shared\nenable-tftp"},
+        {"bridge": "vmb-br0\n"},
+        {"dns_servers": (IPv6Address("fe80::1%lo\nenable-tftp"),)},
+        {"dns_servers": ("9.9.9.9\nenable-tftp",)},
+        {"reservations": (Reservation("52:54:00:00:00:0a\n", IPv4Address("192.168.105.10")),)},
+        {"reservations": (Reservation("52:54:00:00:00:0a", IPv4Address("192.168.105.10"), "db\nenable-tftp"),)},
+        {"mtu": 70000},
+    ],
+    ids=lambda c: next(iter(c)),
+)
+def test_a_value_outside_its_set_is_refused_not_written(change):
+    with pytest.raises(DnsmasqError, match="refusing"):
+        dnsmasq.config_text(replace(SHARED, **change), STATE)
+
+
+@pytest.mark.parametrize("state", ["/var/lib/vm broker", "/var/lib/a#b", "/var/lib/x\ny", '/var/lib/"q"'])
+def test_a_state_dir_path_dnsmasq_would_misread_is_refused(state):
+    with pytest.raises(DnsmasqError, match="state directory"):
+        dnsmasq.config_text(SHARED, Path(state))
+
+
+# -- files in a state dir others could write (issue 8, class 3) ------------------------
+
+
+@pytest.fixture
+def outside(tmp_path):
+    path = tmp_path / "outside"
+    path.write_text("precious\n")
+    return path
+
+
+@pytest.mark.parametrize("planted", ["conf", "conf.tmp", "log", "leases", "pid"])
+def test_start_never_writes_through_a_symlink_in_the_state_dir(fake_dnsmasq, state, outside, planted, caplog):
+    state.mkdir()
+    (state / f"dnsmasq-shared.{planted}").symlink_to(outside)
+    d = Dnsmasq(SHARED, state)
+    try:
+        with caplog.at_level("WARNING"):
+            d.start()
+        assert d.alive()
+    finally:
+        d.stop()
+    assert outside.read_text() == "precious\n"
+    path = state / f"dnsmasq-shared.{planted}"
+    assert not path.is_symlink()
+    if planted in ("conf.tmp", "log", "leases"):
+        assert f"{path} was a symbolic link (to {outside}): removed it, not followed" in caplog.text
+
+
+def test_start_fixes_a_state_dir_others_can_write(fake_dnsmasq, state, caplog):
+    state.mkdir()
+    state.chmod(0o777)
+    d = Dnsmasq(SHARED, state)
+    with caplog.at_level("WARNING"):
+        d.start()
+    d.stop()
+    assert state.stat().st_mode & 0o777 == 0o755
+    assert "fixed: now uid 0, mode 0755" in caplog.text
+
+
+def test_a_fifo_as_pid_file_or_log_does_not_hang(fake_dnsmasq, state):
+    state.mkdir()
+    os.mkfifo(state / "dnsmasq-gone.pid")
+    assert dnsmasq._read_pid(state / "dnsmasq-gone.pid") is None
+    assert dnsmasq.kill_leftovers(state) == []
+    os.mkfifo(state / "dnsmasq-shared.log")
+    assert Dnsmasq(SHARED, state)._log_tail() == "(no log)"

@@ -166,11 +166,27 @@ def test_malformed_requests_get_4_and_keep_connection_and_state(broker):
     assert "invalid request" in broker.log()
 
 
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def settled_fd_count(pid: int, timeout: float = 2.0) -> int:
+    """The broker's fd count once closes handed to its closer threads are done."""
+    deadline = time.monotonic() + timeout
+    last = fd_count(pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = fd_count(pid)
+        if now == last:
+            return now
+        last = now
+    return last
+
+
 def test_fds_sent_by_a_client_are_closed_by_the_broker(broker):
-    fd_dir = f"/proc/{broker.pid}/fd"
     with WireClient(broker.socket_path) as c:
         c.call({"command": "status"})
-        before = len(os.listdir(fd_dir))
+        before = settled_fd_count(broker.pid)
         r, w = os.pipe()
         try:
             c.send({"command": "status"}, fds=[r, w, r, w])
@@ -179,7 +195,8 @@ def test_fds_sent_by_a_client_are_closed_by_the_broker(broker):
             os.close(r)
             os.close(w)
         assert "status" in reply
-        assert len(os.listdir(fd_dir)) == before
+        # Closed on the broker's closer threads, soon after.
+        assert wait_for(lambda: fd_count(broker.pid) == before, 2), (fd_count(broker.pid), before)
 
 
 def test_request_id_is_echoed_on_success_and_error(broker):

@@ -212,3 +212,39 @@ def test_delete_table_reports_whether_our_table_existed(fake_nft, present):
     calls = (fake_nft / "argv").read_text().splitlines()
     assert calls[0] == "-j list tables inet"
     assert calls[1:] == (["-j -f -"] if present else [])
+
+
+# -- the generator refuses what config.py should have refused (issue 8, class 1) ----
+
+from dataclasses import replace  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"external_interface": "eth*"},  # an nftables wildcard: every eth interface
+        {"external_interface": "eth1\n"},
+        {"external_interface": "a-name-too-long-for-linux"},
+        {"bridge": "vmb br0"},
+        {"name": "shared\nx"},
+        {"name": 'shared" ; flush ruleset'},
+        {"mode": "bridged"},
+        {"subnet": "192.168.105.0/24"},
+        {"ipv6_prefix": IPv6Network("fd00:1:2:3::%lo/64")},
+        {"port_forwards": (PortForward("sctp", 2222, IPv4Address("192.168.105.10"), 22),)},
+        {"port_forwards": (PortForward("tcp", 0, IPv4Address("192.168.105.10"), 22),)},
+        {"port_forwards": (PortForward("tcp", True, IPv4Address("192.168.105.10"), 22),)},
+        {"port_forwards": (PortForward("tcp", 2222, "192.168.105.10; drop", 22),)},
+    ],
+    ids=lambda c: f"{next(iter(c))}={next(iter(c.values()))!r}",
+)
+def test_a_value_outside_its_set_never_reaches_nft(change):
+    with pytest.raises(ValueError, match="refusing"):
+        firewall.ruleset([replace(SHARED, **change)])
+
+
+def test_every_string_of_a_batch_is_plain():
+    batch = firewall.ruleset([SHARED, HOST, UPLINK])
+    firewall._check_strings(batch)
+    with pytest.raises(ValueError, match="refusing the string"):
+        firewall._check_strings({"nftables": [{"add": {"rule": {"comment": "x\ny"}}}]})

@@ -21,3 +21,9 @@ def test_host_side_mac_always_differs_from_the_guest_mac(octets):
 def test_bridge_names_fill_the_lowest_free_number():
     assert names.free_bridge_name(set()) == "vmb-br0"
     assert names.free_bridge_name({"vmb-br0", "vmb-br2"}) == "vmb-br1"
+
+
+def test_persistent_tap_names_skip_links_and_names_on_record():
+    assert names.free_name(names.PERSIST, set()) == "vmb-p0"
+    assert names.free_name(names.PERSIST, {"vmb-p0", "vmb-p1", "vmb-t2"}) == "vmb-p2"
+    assert names.is_ours(names.free_name(names.PERSIST, set()))

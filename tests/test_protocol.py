@@ -46,6 +46,13 @@ def test_attach_options_are_parsed_and_mac_normalised():
     assert req.command == Attach("n", "tap", "52:54:00:ab:cd:ef", True, 4)
 
 
+def test_persist_is_parsed_and_the_owner_never_comes_from_the_wire():
+    req = parse({"command": "attach", "network_name": "n", "persist": True, "owner_uid": 0, "mac": "52:54:00:00:00:01"})
+    assert req.command == Attach("n", "tap", "52:54:00:00:00:01", persist=True)
+    assert req.command.owner_uid is None  # the broker sets it from SO_PEERCRED
+    assert parse({"command": "attach", "network_name": "n", "persist": False}).command == Attach("n")
+
+
 def test_empty_names_are_well_formed_and_left_to_the_lookup():
     # Upstream answers 4 only for a missing or non-string name; "" is not found (5).
     assert parse({"command": "acquire", "network_name": ""}).command == Acquire("")
@@ -100,6 +107,10 @@ def test_not_a_json_object_is_refused(data):
         {"command": "attach", "network_name": "s", "queues": True},
         {"command": "attach", "network_name": "s", "queues": 2.0},
         {"command": "attach", "network_name": "s", "queues": 2, "kind": "dgram"},
+        {"command": "attach", "network_name": "s", "persist": 1},
+        {"command": "attach", "network_name": "s", "persist": True, "kind": "dgram"},
+        {"command": "attach", "network_name": "s", "persist": True, "vnet_hdr": True},
+        {"command": "attach", "network_name": "s", "persist": True, "queues": 2},
         {"command": "acquire", "network_name": "s", "id": {"a": 1}},
         {"command": "acquire", "network_name": "s", "id": [1]},
         {"command": "status", "id": 1e400},

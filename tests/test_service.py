@@ -35,6 +35,9 @@ with open(os.environ["FAKE_LOG"], "a") as f:
     f.write(json.dumps(argv) + "\\n")
 with open(os.environ["FAKE_ANSWERS"]) as f:
     answers = json.load(f)
+if argv[:2] == ["launchctl", "bootout"]:  # the job is gone: so are the answers that said it was loaded
+    with open(os.environ["FAKE_ANSWERS"], "w") as f:
+        json.dump([a for a in answers if not a.get("until_bootout")], f)
 for answer in answers:  # the first whose argv is a prefix of ours
     if argv[: len(answer["argv"])] == answer["argv"]:
         sys.stdout.write(answer.get("stdout", ""))
@@ -76,10 +79,16 @@ class Commands:
             path.write_text(FAKE.format(python=sys.executable))
             path.chmod(0o755)
 
-    def answer(self, *argv: str, rc: int = 0, stdout: str = "", stderr: str = "") -> None:
-        """Commands starting with ``argv`` answer so (the latest call wins)."""
-        self.answers.insert(0, {"argv": list(argv), "rc": rc, "stdout": stdout, "stderr": stderr})
+    def answer(self, *argv: str, rc: int = 0, stdout: str = "", stderr: str = "", until_bootout: bool = False) -> None:
+        """Commands starting with ``argv`` answer so (the latest call wins);
+        ``until_bootout``: only until a ``launchctl bootout`` has run."""
+        self._load()
+        answer = {"argv": list(argv), "rc": rc, "stdout": stdout, "stderr": stderr, "until_bootout": until_bootout}
+        self.answers.insert(0, answer)
         self._save()
+
+    def _load(self) -> None:
+        self.answers = json.loads(self.answers_file.read_text())
 
     def _save(self) -> None:
         self.answers_file.write_text(json.dumps(self.answers))
@@ -197,12 +206,13 @@ def test_launchd_replace_boots_out_upstream_and_installs_ours(root, commands):
     daemons.mkdir(parents=True)
     plist = daemons / "com.github.nirs.vmnet-broker.plist"
     plist.write_bytes(plistlib.dumps(UPSTREAM_PLIST))
-    commands.answer("launchctl", "print", rc=0, stdout=PRINT_RUNNING)
+    commands.answer("launchctl", "print", rc=0, stdout=PRINT_RUNNING, until_bootout=True)
     launchd.install(options(root, replace=True), run_command)
     assert launchd.is_ours(plistlib.loads(plist.read_bytes()))
     assert commands.run == [
         ["launchctl", "print", "system/com.github.nirs.vmnet-broker"],
         ["launchctl", "bootout", "system/com.github.nirs.vmnet-broker"],
+        ["launchctl", "print", "system/com.github.nirs.vmnet-broker"],  # gone before bootstrap
         ["launchctl", "bootstrap", "system", str(plist)],
     ]
 
@@ -223,15 +233,39 @@ def test_launchd_replace_disables_another_label_for_our_mach_name(root, commands
 
 def test_launchd_reinstalling_ours_boots_it_out_first(root, commands):
     launchd.install(options(root), run_command)
-    commands.answer("launchctl", "print", rc=0, stdout=PRINT_RUNNING)
+    commands.answer("launchctl", "print", rc=0, stdout=PRINT_RUNNING, until_bootout=True)
     launchd.install(options(root, exit_idle=30), run_command)
     plist = root / "Library/LaunchDaemons/com.github.nirs.vmnet-broker.plist"
     assert plistlib.loads(plist.read_bytes())["ProgramArguments"][-1] == "30"
     assert commands.run[2:] == [
         ["launchctl", "print", "system/com.github.nirs.vmnet-broker"],
         ["launchctl", "bootout", "system/com.github.nirs.vmnet-broker"],
+        ["launchctl", "print", "system/com.github.nirs.vmnet-broker"],
         ["launchctl", "bootstrap", "system", str(plist)],
     ]
+
+
+def test_launchd_a_job_that_does_not_go_away_is_not_bootstrapped_over(root, commands, monkeypatch):
+    monkeypatch.setattr(launchd, "BOOTOUT_WAIT", 0.5)
+    launchd.install(options(root), run_command)
+    commands.answer("launchctl", "print", rc=0, stdout=PRINT_RUNNING)  # still there after bootout
+    with pytest.raises(ServiceError, match="still loaded 0.5 s after bootout"):
+        launchd.install(options(root), run_command)
+    assert ["launchctl", "bootstrap"] not in [argv[:2] for argv in commands.run[3:]]
+
+
+def test_root_must_own_the_code_the_service_runs(tmp_path):
+    from vmnet_broker.service import unsafe_paths
+
+    safe = tmp_path / "safe"
+    safe.mkdir(mode=0o755)
+    (safe / "python").touch(mode=0o755)
+    assert unsafe_paths([safe / "python"]) == []
+    os.chmod(safe, 0o777)
+    assert unsafe_paths([safe / "python"]) == [f"{safe} is writable by group or others (mode 0777)"]
+    os.chmod(safe, 0o755)
+    os.chown(safe / "python", 65534, 65534)
+    assert unsafe_paths([safe / "python"]) == [f"{safe / 'python'} is owned by uid 65534, not root"]
 
 
 def test_launchd_a_failed_bootstrap_is_an_error_naming_the_step(root, commands):

@@ -13,7 +13,8 @@ XpcObject.  XPC -> Python: null, bool, int64 and uint64 (one above the int64
 range stays an XpcObject), double, string (invalid UTF-8 replaced), data,
 array, dictionary; anything else (the vmnet serialization among others) is an
 XpcObject.  Conversion stops at depth 8 and 1024 entries per container: a
-request beyond that arrives as ``{"__invalid__": reason}``; a reply beyond it
+request beyond that arrives with an empty message and ``invalid`` set to the
+reason (a field of the event, so no key a peer sends can forge it); a reply beyond it
 raises ValueError.
 """
 
@@ -96,6 +97,7 @@ if sys.platform == "darwin":
         gid: int  # egid
         request: int  # id of a "request" event, to reply to; 0 otherwise
         message: dict[str, object]  # the request's dictionary as plain values; {} otherwise
+        invalid: str  # why a "request" could not be converted ("" when it could)
         description: str
 
     class XpcListener:
@@ -187,11 +189,14 @@ if sys.platform == "darwin":
         is lazy in XPC: errors show up on the first send."""
 
         def __init__(self, service_name: str, privileged: bool = False) -> None: ...
-        def send(self, message: dict[str, object]) -> object:
+        def send(self, message: dict[str, object], opaque: Sequence[str] = ()) -> object:
             """xpc_connection_send_message_with_reply_sync (GIL released).  The
-            reply converted to plain values (a dict for a dictionary reply).
-            Raises XpcError when the reply is an XPC error object; ValueError if
-            ``message`` cannot be converted; OSError after close()."""
+            reply converted to plain values (a dict for a dictionary reply),
+            except the values of the top-level keys in ``opaque``, which stay
+            XpcObjects: a vmnet serialization is a dictionary that must reach
+            vmnet again as it came.  Raises XpcError when the reply is an XPC
+            error object; ValueError if ``message`` or the reply cannot be
+            converted; OSError after close()."""
         def close(self) -> None:
             """Cancel and release the connection; idempotent."""
 
@@ -199,7 +204,8 @@ else:
     # -- Unix seqpacket listener -------------------------------------------------
 
     MAX_MESSAGE: int  # 65536: largest request packet accepted
-    MAX_FDS: int  # most fds accepted on one packet (all are closed anyway)
+    MAX_FDS: int  # 253 (SCM_MAX_FD): every fd a packet can carry is received, then closed off-thread
+    MAX_CLOSER_THREADS: int  # 8: threads closing what clients sent, started as needed
 
     class ConnectionClosed(ConnectionError):
         """The peer closed its end (EOF) or reset the connection."""
@@ -212,7 +218,8 @@ else:
         is non-blocking and close-on-exec.
         """
 
-        def __init__(self, path: str, mode: int = 0o660, backlog: int = 128) -> None: ...
+        def __init__(self, path: str, mode: int = 0o660, backlog: int = 128) -> None:
+            """``backlog`` above ``/proc/sys/net/core/somaxconn`` is cut to it by the kernel."""
         @staticmethod
         def from_fd(fd: int) -> Listener:
             """Adopt an already bound and listening socket (systemd activation)."""
@@ -239,7 +246,9 @@ else:
 
             ``truncated`` is true when the packet was longer than ``MAX_MESSAGE``
             (``data`` is then its first ``MAX_MESSAGE`` bytes).  Any fds the
-            client attached are closed.  An empty packet from a connected peer
+            client attached are closed on closer threads (``closer_stats``),
+            never here: a close can wait (a lingering socket, a FUSE file), and
+            this runs on the event loop.  An empty packet from a connected peer
             comes back as ``(b"", False)``.  Raises ``ConnectionClosed`` on EOF
             or ECONNRESET.
             """
@@ -249,7 +258,14 @@ else:
             Never blocks: raises ``BlockingIOError`` if the peer's queue is full,
             ``ConnectionClosed`` if the peer is gone (EPIPE/ECONNRESET).
             """
-        def close(self) -> None: ...
+        def close(self) -> None:
+            """Drop the packets still queued (their fds to the closer), then close the
+            socket on a closer thread; never blocks.  Idempotent."""
+
+    def closer_stats() -> dict[str, int]:
+        """``pending`` (fds handed to the closer threads, not closed yet), ``closed``, ``threads``."""
+    def closer_wait_idle(timeout_ms: int) -> bool:
+        """Wait (without the GIL) until nothing is pending on the closer threads; False on timeout."""
 
     # -- rtnetlink (in the calling process's network namespace) -------------------
 
@@ -300,7 +316,7 @@ else:
         is in ``.name``.  ``queues`` > 1 opens that many fds on one device.  With
         ``netns`` (a path such as ``/run/netns/NAME``) the device is created in
         that network namespace (from a short-lived native thread that joins it).
-        fds are non-blocking and close-on-exec.  The device is not persistent: it
+        fds are non-blocking and close-on-exec.  Unless made persistent, the device
         disappears when its last fd is closed, or when deleted by netlink.
         """
 
@@ -319,6 +335,10 @@ else:
             """The queue fds (still owned by this object)."""
         def close(self) -> None:
             """Close every fd this object still owns (idempotent)."""
+        def make_persistent(self, owner: int, group: int | None = None) -> None:
+            """TUNSETOWNER (and TUNSETGROUP if ``group``), then TUNSETPERSIST: the device
+            outlives its fds, and ``owner`` may attach to it by name; only deleting it
+            by netlink removes it then.  Call while an fd is open."""
         def __enter__(self) -> Tap: ...
         def __exit__(self, *exc: object) -> None: ...
 
@@ -333,11 +353,25 @@ else:
         passes through).  The thread never touches Python objects.
         """
 
-        def __init__(self, a: int, b: int) -> None: ...
+        def __init__(self, a: int, b: int, frame_size: int = ...) -> None:
+            """Frames longer than ``frame_size`` (default ``MAX_FRAME_SIZE``) are dropped
+            and counted; the buffers hold ``pump_batch_frames(frame_size)`` frames,
+            mapped, and go back to the kernel once the pump is quiet."""
         def stop(self) -> None:
-            """Stop and join the thread (releases the GIL); idempotent."""
+            """Stop and join the thread (releases the GIL); its fds go to the closer. Idempotent."""
         @property
         def running(self) -> bool: ...
         def stats(self) -> dict[str, int]:
             """Counters: ``a_to_b_frames``, ``a_to_b_bytes``, ``a_to_b_drops``,
-            ``b_to_a_frames``, ``b_to_a_bytes``, ``b_to_a_drops``."""
+            ``b_to_a_frames``, ``b_to_a_bytes``, ``b_to_a_drops``; ``buffer_bytes``
+            (frame buffers mapped), ``buffer_held`` (touched since last given back),
+            ``buffer_releases``, ``fds_closed`` (fds that came with frames)."""
+
+    MAX_FRAME_SIZE: int  # 65792: a 64 KiB GSO frame, vnet header, Ethernet and VLAN headers
+    PUMP_BUFFER_BUDGET: int  # 262144: most bytes of frame buffers one pump maps
+
+    def pump_frame_size(mtu: int, vnet_hdr: bool) -> int:
+        """The longest frame on a network of ``mtu`` (pure): ``mtu`` + 22, or
+        ``MAX_FRAME_SIZE`` with a vnet header."""
+    def pump_batch_frames(frame_size: int) -> int:
+        """Frames a pump buffers for ``frame_size`` (pure): 1-32, within ``PUMP_BUFFER_BUDGET``."""

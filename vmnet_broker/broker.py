@@ -6,11 +6,21 @@ next one starts, and replies leave in request order.  The transport
 (``server.py``) reaches this module through three hooks: ``connect``,
 ``request`` and ``disconnect``.  The registry is private; only those hooks,
 ``status`` and ``shutdown`` are public.
+
+Nothing here waits for the kernel to unregister a link (~20 ms a TAP): an
+interface leaves the registry at once, and a worker thread deletes it
+(``_Reaper``), batched with whatever else is waiting.  The worker touches
+only interfaces the registry has already forgotten, so the registry still
+has one thread.  A ``detach`` or ``release`` reply is held back until its
+links are gone, so a client that sees the reply sees them gone too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
+import dataclasses
 import logging
 import os
 import time
@@ -34,7 +44,20 @@ MAX_PEER_NETWORKS = 8
 MAX_PEER_INTERFACES = 64
 # Connections one non-root user may have open: each costs the broker fds.
 MAX_CONNECTIONS_PER_USER = 256
+# Interfaces all connections of one non-root user may own together, so one
+# user cannot take every port of a bridge (the kernel's limit is 1,023) or
+# fill the host with TAPs from many connections.  Configurable (serve
+# --max-interfaces-per-user).
+DEFAULT_MAX_INTERFACES_PER_USER = 256
+# Interfaces on one network, from everyone (root too): below the kernel's
+# 1,023 bridge ports, so the limit is ours, with a clear message.
+# Configurable (serve --max-interfaces-per-network), at most BRIDGE_PORTS.
+DEFAULT_MAX_INTERFACES_PER_NETWORK = 1000
+BRIDGE_PORTS = 1023
 DEFAULT_IDLE_TIMEOUT = 120.0
+# Room kept in every reply for the request's echoed "id" and the body;
+# a request whose "id" alone leaves less is refused before it does anything.
+REPLY_RESERVE = 4096
 
 
 @dataclass(eq=False)
@@ -78,6 +101,9 @@ class Reply:
 
     body: dict[str, Any]
     fds: list[int] = field(default_factory=list)
+    # Not to be sent before this is done (a detach waits for its links to
+    # be gone); the body is final already.
+    ready: asyncio.Future[None] | None = None
 
     @property
     def data(self) -> bytes:
@@ -104,6 +130,81 @@ def _dup_all(fds: list[int]) -> list[int]:
     return dups
 
 
+class _Reaper:
+    """Destroys interfaces on one worker thread, in batches, off the loop.
+
+    Unregistering a link waits for RCU grace periods (~20 ms a TAP); one
+    client detaching in a loop held every other client up that long per
+    request while the loop waited.  Now the loop hands the interfaces over
+    and goes on; what piles up while the worker is busy goes in its next
+    batch (one kernel batch deletes many TAPs in about the time of one).
+    Each ``destroy`` gives a future done when its interfaces are gone.
+    """
+
+    def __init__(self, backend: Backend, loop: asyncio.AbstractEventLoop) -> None:
+        self._backend = backend
+        self._loop = loop
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._waiting: list[tuple[list[InterfaceHandle], asyncio.Future[None]]] = []
+        self._busy = False
+
+    def destroy(self, ifaces: list[InterfaceHandle]) -> asyncio.Future[None]:
+        done = self._loop.create_future()
+        self._waiting.append((ifaces, done))
+        if not self._busy:
+            self._start()
+        return done
+
+    def _start(self) -> None:
+        batch, self._waiting = self._waiting, []
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vmnet-broker-reaper")
+        self._busy = True
+        ifaces = [iface for group, _ in batch for iface in group]
+        work = self._loop.run_in_executor(self._executor, self._backend.destroy_interfaces, ifaces)
+        work.add_done_callback(lambda work: self._finished(work, batch))
+
+    def _finished(self, work: asyncio.Future[None], batch: list[tuple[list[InterfaceHandle], asyncio.Future[None]]]) -> None:
+        self._busy = False
+        if work.cancelled() or work.exception() is not None:
+            names = ", ".join(iface.name for group, _ in batch for iface in group)
+            log.error("removing interface(s) %s failed: %s", names, work.exception() if not work.cancelled() else "cancelled")
+        for _, done in batch:
+            if not done.done():
+                done.set_result(None)
+        if self._waiting:
+            self._start()
+
+    @property
+    def idle(self) -> bool:
+        return not self._busy and not self._waiting
+
+    def close(self) -> None:
+        """Wait for the batch under way, then destroy the rest here (shutdown)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        batch, self._waiting = self._waiting, []
+        ifaces = [iface for group, _ in batch for iface in group]
+        try:
+            if ifaces:
+                self._backend.destroy_interfaces(ifaces)
+        finally:
+            for _, done in batch:
+                if not done.done():
+                    done.set_result(None)
+
+
+def _attachment_status(owner: Peer, iface: InterfaceHandle) -> dict[str, Any]:
+    status = {**iface.info(), "peer": owner.pid}
+    # A backend's interfaces may report the memory they hold (Linux: a dgram
+    # attachment's pump buffers); the InterfaceHandle protocol does not ask it.
+    buffers = getattr(iface, "buffers", None)
+    if callable(buffers) and (value := buffers()) is not None:
+        status["buffers"] = value
+    return status
+
+
 class _Refused(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
@@ -118,7 +219,15 @@ class Broker:
         configs: dict[str, NetworkConfig],
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        max_interfaces_per_user: int = DEFAULT_MAX_INTERFACES_PER_USER,
+        max_interfaces_per_network: int = DEFAULT_MAX_INTERFACES_PER_NETWORK,
+        max_reply: int = protocol.MAX_MESSAGE,
     ) -> None:
+        if not 1 <= max_interfaces_per_network <= BRIDGE_PORTS:
+            raise ValueError(f"max_interfaces_per_network must be between 1 and {BRIDGE_PORTS} (a bridge's ports)")
+        if max_interfaces_per_user < 1:
+            raise ValueError("max_interfaces_per_user must be at least 1")
         self._backend = backend
         self._configs = configs
         self._idle_timeout = idle_timeout
@@ -126,6 +235,15 @@ class Broker:
         self._networks: dict[str, _Network] = {}
         self._peers: set[Peer] = set()
         self._started = time.monotonic()
+        self._max_user_interfaces = max_interfaces_per_user
+        self._max_network_interfaces = max_interfaces_per_network
+        # Largest reply a client is sent (the seqpacket packet limit).
+        self.max_reply = max_reply
+        self._user_interfaces: collections.Counter[int] = collections.Counter()
+        self._reaper = _Reaper(backend, self._loop)
+        # Changes whenever a network or an interface comes or goes: a client
+        # paging through status restarts if it changed under it.
+        self._generation = 0
         # Told the number of connections after each connect and disconnect
         # (the daemon's exit-when-idle timer and launchd transactions).
         self.connections_changed: Callable[[int], None] | None = None
@@ -160,7 +278,19 @@ class Broker:
             return Reply(e.body())
         return self._handle(peer, req)
 
+    def refuse(self, peer: Peer, reason: str) -> Reply:
+        """A request the transport could not even decode (an XPC dictionary
+        beyond the conversion limits): malformed, like any other bad shape."""
+        log.warning("%s: invalid request: %s", peer, reason)
+        return Reply(protocol.error_body(Code.INVALID_REQUEST, f"request not understood: {reason}"))
+
     def _handle(self, peer: Peer, req: Request) -> Reply:
+        if req.has_id and len(protocol.encode({"id": req.id})) > self.max_reply - REPLY_RESERVE:
+            # Its echo alone would not leave room for the reply: refused
+            # before it changes anything (the "id" cannot be echoed).
+            message = f"reply too large: the request's 'id' leaves no room for it (limit {self.max_reply} bytes)"
+            log.warning("%s: %s", peer, message)
+            return Reply(protocol.error_body(Code.INTERNAL_ERROR, message))
         try:
             return self._dispatch(peer, req)
         except _Refused as e:
@@ -202,6 +332,10 @@ class Broker:
                 self.disconnect(peer)
             except Exception as e:
                 errors.append(e)
+        try:
+            self._reaper.close()  # every TAP gone before its bridge
+        except Exception as e:
+            errors.append(e)
         for net in list(self._networks.values()):
             try:
                 self._remove(net)
@@ -231,15 +365,15 @@ class Broker:
             iface, fds = self._attach(peer, cmd)
             return Reply(protocol.reply_body({"interface": iface.info()}, req), fds)
         if isinstance(cmd, Detach):
-            self._detach(peer, cmd.interface)
-            return Reply(protocol.reply_body({}, req))
+            gone = self._detach(peer, cmd.interface)
+            return Reply(protocol.reply_body({}, req), ready=gone)
         if isinstance(cmd, Release):
             if cmd.network_name not in peer.networks:
                 raise _Refused(Code.NOT_FOUND, f"this connection does not hold {cmd.network_name!r}")
-            self._release(peer, cmd.network_name)
-            return Reply(protocol.reply_body({}, req))
+            gone = self._release(peer, cmd.network_name)
+            return Reply(protocol.reply_body({}, req), ready=gone)
         if isinstance(cmd, Status):
-            return Reply(protocol.reply_body({"status": self.status()}, req))
+            return Reply(self._status_reply(cmd, req))
         raise AssertionError(f"unhandled command {cmd!r}")
 
     def _acquire(self, peer: Peer, name: str) -> _Network:
@@ -276,6 +410,7 @@ class Broker:
             raise _Refused(Code.CREATE_FAILURE, f"cannot create network {config.name!r}: {e}") from e
         net = _Network(handle)
         self._networks[config.name] = net
+        self._generation += 1
         info = handle.info()
         log.info(
             "created network %r: %s/%s on %s in %.0f ms",
@@ -289,11 +424,26 @@ class Broker:
             raise _Refused(Code.INVALID_REQUEST, self._no_attach(cmd.kind))
         if len(peer.interfaces) >= MAX_PEER_INTERFACES:
             raise _Refused(Code.INTERNAL_ERROR, f"a connection may own at most {MAX_PEER_INTERFACES} interfaces")
+        if peer.uid != 0 and self._user_interfaces[peer.uid] >= self._max_user_interfaces:
+            raise _Refused(
+                Code.INTERNAL_ERROR,
+                f"uid {peer.uid} owns {self._user_interfaces[peer.uid]} interfaces on all its connections, "
+                f"the most one user may (max_interfaces_per_user {self._max_user_interfaces})",
+            )
+        existing = self._networks.get(cmd.network_name)
+        if existing is not None and len(existing.interfaces) >= self._max_network_interfaces:
+            raise _Refused(
+                Code.INTERNAL_ERROR,
+                f"network {cmd.network_name!r} has {len(existing.interfaces)} interfaces, the most it may "
+                f"(max_interfaces_per_network {self._max_network_interfaces})",
+            )
         held = cmd.network_name in peer.networks
         net = self._acquire(peer, cmd.network_name)
         iface: InterfaceHandle | None = None
         fds: list[int] = []
         try:
+            if cmd.persist:  # its owner: who asked, as the kernel vouches (SO_PEERCRED)
+                cmd = dataclasses.replace(cmd, owner_uid=peer.uid)
             iface = self._backend.create_interface(net.handle, cmd)
             fds = _dup_all(iface.fds())
             iface.handed_over()
@@ -303,10 +453,7 @@ class Broker:
             for fd in fds:
                 os.close(fd)
             if iface is not None:
-                try:
-                    self._backend.destroy_interfaces([iface])
-                except Exception:
-                    log.exception("%s: removing the half-made interface %s failed", peer, iface.name)
+                self._reaper.destroy([iface])  # the reaper logs a failure
             if not held:
                 self._release(peer, cmd.network_name)
             if isinstance(e, (CreateError, OSError)):
@@ -315,6 +462,8 @@ class Broker:
             raise
         peer.interfaces[iface.name] = iface
         net.interfaces[iface.name] = (peer, iface)
+        self._user_interfaces[peer.uid] += 1
+        self._generation += 1
         log.info("%s attached %s %s to network %r", peer, cmd.kind, iface.name, net.name)
         return iface, fds
 
@@ -324,35 +473,43 @@ class Broker:
             return "this broker hands out networks, not interfaces: 'attach' and 'detach' are not available"
         return f"'kind' {kind!r} is not available here (only {', '.join(self._backend.attach_kinds)})"
 
-    def _detach(self, peer: Peer, name: str) -> None:
+    def _detach(self, peer: Peer, name: str) -> asyncio.Future[None] | None:
         if not self._backend.attach_kinds:
             raise _Refused(Code.INVALID_REQUEST, self._no_attach(""))
         if name not in peer.interfaces:
             raise _Refused(Code.NOT_FOUND, f"this connection has no interface {name!r}")
-        self._destroy_interfaces(peer, [name])
+        return self._destroy_interfaces(peer, [name])
 
-    def _destroy_interfaces(self, peer: Peer, names: list[str]) -> None:
+    def _destroy_interfaces(self, peer: Peer, names: list[str]) -> asyncio.Future[None] | None:
+        """Forget them now; the reaper deletes them.  Done when they are gone."""
         if not names:
-            return
+            return None
         # Forget them first: even if the backend fails, they are no longer ours.
         ifaces = [peer.interfaces.pop(name) for name in names]
         for net in self._networks.values():
             for name in names:
                 net.interfaces.pop(name, None)
-        try:
-            self._backend.destroy_interfaces(ifaces)
-        except Exception:  # keep going: a stuck interface must not pin a network
-            log.exception("%s: removing interface(s) %s failed", peer, ", ".join(names))
-        log.info("%s: removed interface(s) %s", peer, ", ".join(names))
+        self._user_interfaces[peer.uid] -= len(ifaces)
+        if self._user_interfaces[peer.uid] <= 0:
+            del self._user_interfaces[peer.uid]
+        self._generation += 1
+        log.info("%s: removing interface(s) %s", peer, ", ".join(names))
+        return self._reaper.destroy(ifaces)
 
-    def _release(self, peer: Peer, name: str) -> None:
+    async def interfaces_removed(self) -> None:
+        """Until every interface handed to the reaper is gone (tests)."""
+        while not self._reaper.idle:
+            await asyncio.sleep(0.005)
+
+    def _release(self, peer: Peer, name: str) -> asyncio.Future[None] | None:
         net = self._networks[name]
-        self._destroy_interfaces(peer, [n for n, (owner, _) in net.interfaces.items() if owner is peer])
+        gone = self._destroy_interfaces(peer, [n for n, (owner, _) in net.interfaces.items() if owner is peer])
         peer.networks.discard(name)
         net.peers.discard(peer)
         log.info("%s released network %r (%d peer(s) left)", peer, name, len(net.peers))
         if not net.peers:
             self._schedule_removal(net)
+        return gone
 
     # -- idle removal -------------------------------------------------------------
 
@@ -369,32 +526,92 @@ class Broker:
         if net.idle_timer is not None:
             net.idle_timer.cancel()
         self._networks.pop(net.name, None)
+        self._generation += 1
         self._backend.destroy_network(net.handle)
         log.info("removed network %r", net.name)
 
     # -- status -------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        now = self._loop.time()
-        networks = []
-        for net in self._networks.values():
-            info = net.handle.info()
-            expires = None if net.idle_deadline is None else max(0.0, round(net.idle_deadline - now, 3))
-            info.update(
-                peers=len(net.peers),
-                interfaces=len(net.interfaces),
-                attachments=[
-                    {**iface.info(), "peer": owner.pid} for owner, iface in net.interfaces.values()
-                ],
-                idle_expires_in=expires,
-            )
-            networks.append(info)
+        """Everything, in one dictionary (unpaged: a reply is ``_status_reply``)."""
+        networks = [{**info, "attachments": attachments} for info, attachments in self._status_networks()]
+        return {**self._status_head(), "networks": networks, "available": sorted(self._configs)}
+
+    def _status_head(self) -> dict[str, Any]:
         return {
             "version": __version__,
             # Connections holding at least one network; "connections" counts all.
             "peers": sum(1 for peer in self._peers if peer.networks),
             "connections": len(self._peers),
             "uptime": round(time.monotonic() - self._started, 3),
-            "networks": networks,
-            "available": sorted(self._configs),
         }
+
+    def _status_networks(self) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+        """Each network's status object (without attachments) and its attachments."""
+        now = self._loop.time()
+        out = []
+        for net in self._networks.values():
+            info = net.handle.info()
+            expires = None if net.idle_deadline is None else max(0.0, round(net.idle_deadline - now, 3))
+            info.update(peers=len(net.peers), interfaces=len(net.interfaces), idle_expires_in=expires)
+            # Why the network no longer works as created (its bridge deleted
+            # behind the broker's back, dnsmasq restarting...), or None.
+            info["degraded"] = getattr(net.handle, "degraded", None)
+            attachments = [_attachment_status(owner, iface) for owner, iface in net.interfaces.values()]
+            out.append((info, attachments))
+        return out
+
+    def _status_reply(self, cmd: Status, req: Request) -> dict[str, Any]:
+        """One page of status that fits ``max_reply`` bytes, from row ``cmd.offset``.
+
+        The rows are, in order: each network, followed by its attachments,
+        then the names in ``available``.  A page takes rows while the encoded
+        reply fits (and at most ``cmd.limit``); a network whose attachments
+        go on past the page appears again, with the rest of them, on the
+        next.  ``truncated`` says more rows follow, from ``next_offset``;
+        ``generation`` changes whenever a network or an interface comes or
+        goes, so a client paging through knows when to start over.
+        """
+        networks = self._status_networks()
+        rows: list[tuple[int, Any]] = []  # (network index, attachment) / (-1, available name); None: the network
+        for i, (_, attachments) in enumerate(networks):
+            rows.append((i, None))
+            rows.extend((i, attachment) for attachment in attachments)
+        rows.extend((-1, name) for name in sorted(self._configs))
+
+        page: dict[str, Any] = {
+            **self._status_head(),
+            "networks": [],
+            "available": [],
+            "generation": self._generation,
+            # Sized at their longest while measuring.
+            "truncated": False,
+            "next_offset": len(rows) * 10 + 10,
+        }
+        used = len(protocol.encode(protocol.reply_body({"status": page}, req)))
+        first = min(cmd.offset, len(rows))
+        last = len(rows) if cmd.limit is None else min(len(rows), first + cmd.limit)
+        shown: list[dict[str, Any]] = []
+        current = -1  # index of the network shown last
+        end = first
+        for i, value in rows[first:last]:
+            cost = 0
+            if i >= 0 and i != current:
+                net = {**networks[i][0], "attachments": []}
+                cost += len(protocol.encode(net)) + 1
+            if value is not None:
+                cost += len(protocol.encode(value)) + 1
+            if used + cost > self.max_reply:
+                break
+            used += cost
+            if i >= 0 and i != current:
+                shown.append(net)
+                current = i
+            if value is not None:
+                (shown[-1]["attachments"] if i >= 0 else page["available"]).append(value)
+            end += 1
+        if end == first < last:
+            raise _Refused(Code.INTERNAL_ERROR, f"reply too large: status row {first} alone exceeds {self.max_reply} bytes")
+        more = end < len(rows)
+        page.update(networks=shown, truncated=more, next_offset=end if more else None)
+        return protocol.reply_body({"status": page}, req)

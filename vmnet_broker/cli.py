@@ -1,4 +1,4 @@
-"""Command line: ``vmnet-broker serve | status | demo``, and
+"""Command line: ``vmnet-broker serve | status | run | demo``, and
 ``install-service | uninstall-service | service-status``.
 
 Results go to stdout, logs to stderr; logging is configured here only.
@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from ._version import __version__
-from .broker import DEFAULT_IDLE_TIMEOUT
+from .broker import BRIDGE_PORTS, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_INTERFACES_PER_NETWORK, DEFAULT_MAX_INTERFACES_PER_USER
 from .client import DEFAULT_SERVICE, DEFAULT_SOCKET, SOCKET_ENV, Client, default_socket_path
 from .config import DEFAULT_CONFIG_DIR
 from .errors import BrokerError
@@ -71,6 +71,20 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="macOS: the XPC Mach service to listen on (the launchd job's MachServices name)",
     )
+    serve.add_argument(
+        "--max-interfaces-per-user",
+        type=_count(1, 1_000_000),
+        default=DEFAULT_MAX_INTERFACES_PER_USER,
+        metavar="N",
+        help="interfaces all connections of one user (root excepted) may own together",
+    )
+    serve.add_argument(
+        "--max-interfaces-per-network",
+        type=_count(1, BRIDGE_PORTS),
+        default=DEFAULT_MAX_INTERFACES_PER_NETWORK,
+        metavar="N",
+        help=f"interfaces on one network, from everyone (a bridge has {BRIDGE_PORTS} ports)",
+    )
     serve.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="log verbosity")
 
     status = commands.add_parser(
@@ -81,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--socket", default=None, help="broker socket")
     status.add_argument("--json", action="store_true", help="print the raw status object as JSON")
 
+    from .run import add_parser as add_run_parser
+
+    add_run_parser(commands)
     commands.add_parser(
         "demo",
         help="start a broker and two guests in namespaces, ping, show status, clean up",
@@ -97,6 +114,19 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument("--config-dir", default=DEFAULT_CONFIG_DIR, help="the broker's config directory")
     _add_service_commands(commands)
     return parser
+
+
+def _count(low: int, high: int):  # noqa: ANN202
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}")
+        return value
+
+    return parse
 
 
 def _seconds(text: str) -> float:
@@ -131,6 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             socket_group=args.socket_group,
             exit_idle=args.exit_idle,
             service_name=args.service_name,
+            max_interfaces_per_user=args.max_interfaces_per_user,
+            max_interfaces_per_network=args.max_interfaces_per_network,
         )
         return serve(options)
     if args.command == "status":
@@ -139,6 +171,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .doctor import run_doctor
 
         return run_doctor(args.socket, args.state_dir, args.config_dir)
+    if args.command == "run":
+        from .run import run
+
+        return run(args)
     if args.command == "demo":
         from .demo import run_demo
 
@@ -203,6 +239,12 @@ def _add_service_commands(commands: argparse._SubParsersAction) -> None:
         "uninstall-service", help="stop the broker's service and remove what install-service wrote"
     )
     status = commands.add_parser("service-status", help="whether the broker's service is loaded, its state and pid")
+    for command in (install, uninstall):
+        command.add_argument(
+            "--force", action="store_true",
+            help="go ahead even while clients hold networks (their VMs lose them) or when the "
+            "interpreter or package root would run is writable by others",
+        )  # fmt: skip
     for command in (install, uninstall, status):
         command.add_argument("--label", default=None, help=label_help)
         command.add_argument("--root", default="/", help=argparse.SUPPRESS)  # a DESTDIR, for tests
@@ -217,6 +259,7 @@ def _service(args: argparse.Namespace) -> int:
         label=args.label,
         exit_idle=getattr(args, "exit_idle", None),
         replace=getattr(args, "replace", False),
+        force=getattr(args, "force", False),
         socket_group=getattr(args, "socket_group", "vmnet"),
         root=Path(args.root),
     )

@@ -19,6 +19,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -32,6 +33,14 @@ SERVICE_ENV = "VMNET_BROKER_SERVICE"
 # Replies are small, except status with many networks; MSG_TRUNC tells us if not.
 MAX_REPLY = 1 << 20
 MAX_REPLY_FDS = 16
+# A broker whose backlog is full refuses a non-blocking connect with EAGAIN
+# (1,000 clients at once): try again, waiting longer each time up to this,
+# until the timeout.
+CONNECT_RETRY_MAX = 0.05
+# Status pages followed before giving up, and restarts when the broker's
+# state changed between pages.
+MAX_STATUS_PAGES = 10_000
+MAX_STATUS_RESTARTS = 5
 
 
 def default_socket_path() -> str:
@@ -166,10 +175,27 @@ class SeqpacketChannel:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._sock.settimeout(timeout)
         try:
-            self._sock.connect(socket_path)
+            self._connect(timeout)
         except OSError as e:
             self._sock.close()
             raise ConnectionFailed(f"cannot connect to {socket_path}: {e.strerror or e}") from e
+
+    def _connect(self, timeout: float | None) -> None:
+        # With a timeout the socket is non-blocking, and a Unix socket whose
+        # listener's backlog is full answers EAGAIN at once rather than
+        # waiting: retried until the timeout.  (Without one, connect() waits
+        # for room itself.)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.001
+        while True:
+            try:
+                self._sock.connect(self.socket_path)
+                return
+            except BlockingIOError:
+                if deadline is None or time.monotonic() + delay > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, CONNECT_RETRY_MAX)
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -242,11 +268,15 @@ class XpcChannel:
 
     def request(self, message: dict[str, Any]) -> tuple[Any, list[int]]:
         try:
-            return self._conn.send(message), []
+            # The serialization is itself a dictionary: it must come back as
+            # the XPC object vmnet made, not as plain values.
+            return self._conn.send(message, ["network"]), []
         except self._native.XpcError as e:
             raise ConnectionFailed(f"broker {self.service_name}: {e.description}") from e
         except OSError as e:
             raise ConnectionFailed(f"broker {self.service_name}: {e}") from e
+        except ValueError as e:  # a reply beyond the conversion limits
+            raise InvalidReply(f"broker {self.service_name}: {e}") from e
 
     def network(self, reply: dict[str, Any]) -> Network:
         serialization = reply.get("network")
@@ -260,17 +290,28 @@ class XpcChannel:
         return dataclasses.replace(network, serialization=serialization, _native=self._native)
 
     def _describe(self, serialization: Any) -> Network:
-        vmnet = self._native.network_from_serialization(serialization)
+        """What vmnet says of a serialization from upstream's broker.
+
+        The acquire already holds the reference, so a failure here (vmnet
+        refusing to deserialize, say without the entitlement) leaves the
+        addresses empty instead of losing the network.
+        """
+        unknown = Network(
+            name="", mode="", subnet="", mask="", gateway="", ipv6_prefix="", prefix_len=0, mtu=0, bridge="", raw={}
+        )
         try:
-            address, mask = vmnet.ipv4_subnet()
-            prefix, length = vmnet.ipv6_prefix()
-        finally:
-            vmnet.close()
-        subnet = ipaddress.IPv4Network(f"{address}/{mask}", strict=False)
-        return Network(
-            name="", mode="", subnet=str(subnet.network_address), mask=str(subnet.netmask),
+            vmnet = self._native.network_from_serialization(serialization)
+            try:
+                address, mask = vmnet.ipv4_subnet()
+                prefix, length = vmnet.ipv6_prefix()
+            finally:
+                vmnet.close()
+            subnet = ipaddress.IPv4Network(f"{address}/{mask}", strict=False)
+        except (OSError, ValueError):
+            return unknown
+        return dataclasses.replace(
+            unknown, subnet=str(subnet.network_address), mask=str(subnet.netmask),
             gateway=str(subnet.network_address + 1), ipv6_prefix=prefix, prefix_len=length,
-            mtu=0, bridge="", raw={},
         )  # fmt: skip
 
 
@@ -377,9 +418,9 @@ class Client:
         self.request({"command": "release", "network_name": network_name})
 
     def status(self) -> BrokerStatus:
-        reply, _ = self.request({"command": "status"})
+        """The broker's status, all of it: pages are followed and joined."""
+        obj = self._status_pages()
         try:
-            obj = reply["status"]
             networks = [
                 NetworkStatus(
                     name=n["name"],
@@ -395,6 +436,50 @@ class Client:
             return BrokerStatus(str(obj["version"]), int(obj["peers"]), networks, obj)
         except (KeyError, TypeError, ValueError) as e:
             raise InvalidReply(f"bad status object: {e}") from None
+
+    def _status_pages(self) -> dict[str, Any]:
+        """Every page of ``status`` (a broker that does not page sends one), joined.
+
+        A page carries ``next_offset`` while rows remain; a network whose
+        attachments run on into the next page appears there again.  If the
+        broker's ``generation`` changes between pages, it starts over.
+        """
+        for _ in range(MAX_STATUS_RESTARTS):
+            first = self._status_page(0)
+            joined = dict(first)
+            networks = [dict(n) for n in first.get("networks", [])]
+            available = list(first.get("available", []))
+            page = first
+            for _ in range(MAX_STATUS_PAGES):
+                offset = page.get("next_offset")
+                if not page.get("truncated") or offset is None:
+                    joined.update(networks=networks, available=available, truncated=False, next_offset=None)
+                    return joined
+                page = self._status_page(offset)
+                if page.get("generation") != first.get("generation"):
+                    break  # changed under us: start over
+                more = page.get("networks", [])
+                if more and networks and more[0].get("name") == networks[-1].get("name"):
+                    first_more, *more = more
+                    networks[-1]["attachments"] = [*networks[-1].get("attachments", []), *first_more.get("attachments", [])]
+                networks.extend(dict(n) for n in more)
+                available.extend(page.get("available", []))
+            else:
+                raise InvalidReply(f"status has more than {MAX_STATUS_PAGES} pages")
+        raise InvalidReply(f"the broker's state kept changing while reading status ({MAX_STATUS_RESTARTS} tries)")
+
+    def _status_page(self, offset: int) -> dict[str, Any]:
+        request: dict[str, Any] = {"command": "status"}
+        if offset:
+            request["offset"] = offset
+        reply, _ = self.request(request)
+        page = reply.get("status")
+        if not isinstance(page, dict):
+            raise InvalidReply("bad status object: no 'status' dictionary")
+        next_offset = page.get("next_offset")
+        if page.get("truncated") and (not isinstance(next_offset, int) or next_offset <= offset):
+            raise InvalidReply(f"bad status page: next_offset {next_offset!r} after offset {offset}")
+        return page
 
     def request(self, message: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         """Send one request; the reply object and the fds that came with it.

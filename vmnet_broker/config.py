@@ -21,17 +21,19 @@ import grp
 import ipaddress
 import json
 import logging
+import os
 import plistlib
 import pwd
 import re
+import stat
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
-from xml.parsers.expat import ExpatError
 
+from . import files
 from .protocol import normalize_mac, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -41,11 +43,18 @@ DEFAULT_MTU = 1500
 DEFAULT_LEASE_TIME = 3600
 MODES = ("shared", "host")
 PROTOS = ("tcp", "udp")
+MIN_MTU = 68  # IPv4's minimum
+MAX_MTU = 65521  # a TAP's maximum (the kernel refuses more): every attachment must take it
+# A config file is a few hundred bytes; anything larger is a mistake.
+MAX_CONFIG_FILE = 64 * 1024
+MAX_ID = 2**32 - 2  # (uid_t)-1 means "no change" to the kernel, never a user
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
-_DOMAIN = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
-_IFNAME = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
+# Every value that reaches a generated file, an nftables batch, an interface
+# name or a path is checked whole: fullmatch over explicit ASCII sets, never
+# re.match(...$), whose $ also matches before a trailing newline.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")  # lowercase LDH
+_IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 
 _ULA = ipaddress.IPv6Network("fd00::/8")
 
@@ -66,6 +75,26 @@ PLIST_KEYS = {
 
 class ConfigError(ValueError):
     """A network's configuration is invalid; the message says which key and why."""
+
+
+def valid_name(name: object) -> bool:
+    """A network name: 1-64 ASCII letters, digits, '.', '_' or '-', starting with a letter or digit."""
+    return isinstance(name, str) and _NAME.fullmatch(name) is not None
+
+
+def valid_ifname(name: object) -> bool:
+    """A Linux interface name we accept: 1-15 of ASCII letters, digits, '.', '_', '-'; not '.' or '..'."""
+    return isinstance(name, str) and _IFNAME.fullmatch(name) is not None and name not in (".", "..")
+
+
+def valid_hostname(name: object) -> bool:
+    """One DNS label, lowercase letters, digits and inner hyphens (LDH), 1-63 long."""
+    return isinstance(name, str) and _LABEL.fullmatch(name) is not None
+
+
+def valid_domain(domain: object) -> bool:
+    """Lowercase LDH labels joined by dots, at most 253 characters."""
+    return isinstance(domain, str) and len(domain) <= 253 and all(map(valid_hostname, domain.split(".")))
 
 
 @dataclass(frozen=True)
@@ -116,7 +145,7 @@ class NetworkConfig:
 
     @property
     def dns_domain(self) -> str:
-        return self.domain or f"{self.name}.internal"
+        return self.domain or default_domain(self.name)
 
     def allows(self, uid: int, gids: set[int]) -> bool:
         """Root always; otherwise everyone unless users/groups are listed."""
@@ -125,6 +154,21 @@ class NetworkConfig:
         if self.allowed_uids and uid in self.allowed_uids:
             return True
         return bool(self.allowed_gids and self.allowed_gids & gids)
+
+
+def default_domain(name: str) -> str:
+    """``<name>.internal`` as lowercase LDH: ``My_Lab`` gives ``my-lab.internal``.
+
+    A network name may hold what a DNS label may not ('_', capitals, a
+    leading or trailing '-', empty labels): each label is mapped, never the
+    name passed through.
+    """
+    labels = []
+    for label in name.lower().replace("_", "-").split("."):
+        label = label[:63].strip("-")
+        if label:
+            labels.append(label)
+    return ".".join([*labels, "internal"])
 
 
 BUILTINS = {
@@ -150,7 +194,7 @@ def parse_network(name: str, obj: Any, source: str = "builtin") -> NetworkConfig
     if "subnet" in obj or "mask" in obj:
         cfg["subnet"] = _subnet(obj)
     if "mtu" in obj:
-        cfg["mtu"] = _int(obj, "mtu", 68, 65535)
+        cfg["mtu"] = _int(obj, "mtu", MIN_MTU, MAX_MTU)
     for key in ("dhcp", "dns", "ipv6"):
         if key in obj:
             cfg[key] = _typed(obj, key, bool)
@@ -159,10 +203,7 @@ def parse_network(name: str, obj: Any, source: str = "builtin") -> NetworkConfig
     if "dns_servers" in obj:
         cfg["dns_servers"] = tuple(_ip(v, "dns_servers") for v in _list(obj, "dns_servers"))
     if "domain" in obj:
-        domain = _typed(obj, "domain", str)
-        if not _DOMAIN.match(domain):
-            raise ConfigError(f"'domain' {domain!r} is not a DNS domain")
-        cfg["domain"] = domain
+        cfg["domain"] = _ldh(_typed(obj, "domain", str), "domain", valid_domain, "a DNS domain")
     if "ipv6_prefix" in obj:
         cfg["ipv6_prefix"] = _ipv6_prefix(obj["ipv6_prefix"])
         cfg.setdefault("ipv6", True)
@@ -221,7 +262,7 @@ def parse_plist_network(name: str, obj: Any, source: str = "builtin") -> Network
         if key in obj:
             cfg[field] = _typed(obj, key, bool)
     if "mtu" in obj:
-        cfg["mtu"] = _int(obj, "mtu", 68, 65535)
+        cfg["mtu"] = _int(obj, "mtu", MIN_MTU, MAX_MTU)
 
     config = replace(base, **cfg)
     _shared_only(obj, mode, "port_forwarding_rules", "external_interface")
@@ -247,37 +288,50 @@ def load_config_dir(path: str | Path | None, check: Check | None = None) -> dict
     platform's ``platform_check()``); a file asking for any of it is refused.
     Invalid and refused files are logged with their path and reason and their
     network is not offered, a builtin included; so is a network with both a
-    ``.json`` and a ``.plist`` file.
+    ``.json`` and a ``.plist`` file.  Only regular files are read (no symlink
+    is followed, a FIFO or device is refused unopened), each up to
+    ``MAX_CONFIG_FILE`` bytes; time grows linearly with the number of files.
     """
     networks = dict(BUILTINS)
     if path is None:
         return networks
     directory = Path(path)
-    if not directory.is_dir():
-        if directory.exists():
-            log.error("config dir %s is not a directory; offering builtins only", directory)
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
         return networks
-    check = check or platform_check()
-    files: dict[str, list[Path]] = {}
-    for file in sorted([*directory.glob("*.json"), *directory.glob("*.plist")]):
-        files.setdefault(file.stem, []).append(file)
-    for name, found in sorted(files.items()):
-        if len(found) > 1:
-            log.error("config %s: network %r is defined twice; it is not offered", " and ".join(map(str, found)), name)
-            networks.pop(name, None)
-            continue
-        file = found[0]
-        try:
-            config = _read(file)
-            problems = check(config)
-            if problems:
-                raise ConfigError("; ".join(problems))
-            _check_host_ports(config, (n for other, n in networks.items() if other != name))
-            networks[name] = config
-        except (OSError, UnicodeDecodeError, ValueError, ExpatError) as e:
-            # ConfigError, json.JSONDecodeError and plistlib's errors are ValueErrors.
-            log.error("config %s: %s; network %r is not offered", file, e, name)
-            networks.pop(name, None)
+    except OSError as e:
+        log.error("config dir %s: %s; offering builtins only", directory, e.strerror or e)
+        return networks
+    try:
+        _warn_if_others_can_write(dir_fd, directory)
+        found: dict[str, list[str]] = {}
+        for entry in sorted(os.listdir(dir_fd)):
+            stem, dot, suffix = entry.rpartition(".")
+            if dot and stem and not entry.startswith(".") and suffix in ("json", "plist"):
+                found.setdefault(stem, []).append(entry)
+        check = check or platform_check()
+        host_ports: dict[tuple[str, int], str] = {}  # (proto, port) -> the network forwarding it
+        for name, entries in sorted(found.items()):
+            if len(entries) > 1:
+                shown = " and ".join(str(directory / e) for e in entries)
+                log.error("config %s: network %r is defined twice; it is not offered", shown, name)
+                networks.pop(name, None)
+                continue
+            file = directory / entries[0]
+            try:
+                config = _read(name, entries[0], dir_fd, str(file))
+                problems = check(config)
+                if problems:
+                    raise ConfigError("; ".join(problems))
+                _claim_host_ports(config, host_ports)
+                networks[name] = config
+            except (OSError, UnicodeDecodeError, ValueError) as e:
+                # ConfigError and files.RefusedFile are a ValueError and an OSError.
+                log.error("config %s: %s; network %r is not offered", file, _reason(e), name)
+                networks.pop(name, None)
+    finally:
+        os.close(dir_fd)
     return networks
 
 
@@ -292,21 +346,49 @@ def platform_check() -> Check:
     return unsupported_on_linux
 
 
-def _read(file: Path) -> NetworkConfig:
-    if file.suffix == ".plist":
-        return parse_plist_network(file.stem, plistlib.loads(file.read_bytes()), source=str(file))
-    return parse_network(file.stem, json.loads(file.read_text(encoding="utf-8")), source=str(file))
+def _warn_if_others_can_write(dir_fd: int, directory: Path) -> None:
+    st = os.fstat(dir_fd)
+    if st.st_uid not in (0, os.geteuid()) or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        log.warning(
+            "config dir %s is owned by uid %d, mode %04o: whoever can write it decides which networks exist "
+            "and who may use them", directory, st.st_uid, stat.S_IMODE(st.st_mode),
+        )  # fmt: skip
 
 
-def _check_host_ports(config: NetworkConfig, others: Iterable[NetworkConfig]) -> None:
-    """One host port forwards to one guest: the first file (by name) keeps it."""
-    for other in others:
-        for mine in config.port_forwards:
-            for theirs in other.port_forwards:
-                if (mine.proto, mine.host_port) == (theirs.proto, theirs.host_port):
-                    raise ConfigError(
-                        f"port forward {mine.proto}/{mine.host_port} is already used by network {other.name!r}"
-                    )
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and not isinstance(e, files.RefusedFile) and e.strerror:
+        return e.strerror
+    return str(e)
+
+
+def _read(name: str, entry: str, dir_fd: int, source: str) -> NetworkConfig:
+    """One file, read only if it is a regular file of at most MAX_CONFIG_FILE bytes."""
+    data = files.read_regular(entry, MAX_CONFIG_FILE, dir_fd=dir_fd)
+    if entry.endswith(".plist"):
+        try:
+            obj = plistlib.loads(data)
+        except Exception as e:  # plistlib raises more than InvalidFileException on a damaged binary plist
+            raise ConfigError(f"not a property list: {e}") from None
+        return parse_plist_network(name, obj, source=source)
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ConfigError(f"not UTF-8 JSON: {e}") from None
+    return parse_network(name, obj, source=source)
+
+
+def _claim_host_ports(config: NetworkConfig, owners: dict[tuple[str, int], str]) -> None:
+    """One host port forwards to one guest: the first file (by name) keeps it.
+
+    ``owners`` maps each (proto, port) claimed so far to its network: one
+    lookup per forward, so loading many files stays linear.
+    """
+    for forward in config.port_forwards:
+        owner = owners.get((forward.proto, forward.host_port))
+        if owner is not None:
+            raise ConfigError(f"port forward {forward.proto}/{forward.host_port} is already used by network {owner!r}")
+    for forward in config.port_forwards:
+        owners[(forward.proto, forward.host_port)] = config.name
 
 
 # -- keys shared by both formats ----------------------------------------------
@@ -314,7 +396,7 @@ def _check_host_ports(config: NetworkConfig, others: Iterable[NetworkConfig]) ->
 
 def _base(name: str) -> NetworkConfig:
     """What a file starts from: the builtin of that name, or the defaults."""
-    if not _NAME.match(name):
+    if not valid_name(name):
         raise ConfigError(f"network name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
     return BUILTINS.get(name, NetworkConfig(name))
 
@@ -355,9 +437,19 @@ def _shared_only(obj: dict[str, Any], mode: str, *keys: str) -> None:
 
 def _ifname(obj: dict[str, Any]) -> str:
     ifname = _typed(obj, "external_interface", str)
-    if not _IFNAME.match(ifname):
-        raise ConfigError(f"'external_interface' {ifname!r} is not an interface name")
+    if not valid_ifname(ifname):
+        raise ConfigError(
+            f"'external_interface' {_show(ifname)} is not an interface name (1-15 letters, digits, '.', '_', '-')"
+        )
     return ifname
+
+
+def _ldh(value: str, key: str, valid: Callable[[object], bool], what: str) -> str:
+    """A DNS name, any case in the file, lowercase from here on."""
+    lowered = value.lower() if value.isascii() else value
+    if not valid(lowered):
+        raise ConfigError(f"'{key}' {_show(value)} is not {what} (letters, digits and inner '-' per label)")
+    return lowered
 
 
 # -- field validators ---------------------------------------------------------
@@ -390,18 +482,28 @@ def _list(obj: dict[str, Any], key: str) -> list[Any]:
 
 
 def _ip(value: Any, key: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address rebuilt from its number: nothing of the input text (a scope id) survives."""
     try:
-        if isinstance(value, str):
-            return ipaddress.ip_address(value)
+        if not isinstance(value, str):
+            raise ValueError
+        address = ipaddress.ip_address(value)
     except ValueError:
-        pass
-    raise ConfigError(f"'{key}': {_show(value)} is not an IP address")
+        raise ConfigError(f"'{key}': {_show(value)} is not an IP address") from None
+    if isinstance(address, ipaddress.IPv6Address):
+        return _ipv6_unscoped(address, value, key)
+    return ipaddress.IPv4Address(int(address))
+
+
+def _ipv6_unscoped(address: ipaddress.IPv6Address, value: Any, key: str) -> ipaddress.IPv6Address:
+    if address.scope_id is not None:
+        raise ConfigError(f"'{key}': {_show(value)} has a scope id ('%...'); only unscoped addresses are supported")
+    return ipaddress.IPv6Address(int(address))
 
 
 def _ipv4(value: Any, key: str) -> ipaddress.IPv4Address:
     try:
         if isinstance(value, str):
-            return ipaddress.IPv4Address(value)
+            return ipaddress.IPv4Address(int(ipaddress.IPv4Address(value)))
     except ValueError:
         pass
     raise ConfigError(f"'{key}': {_show(value)} is not an IPv4 address")
@@ -415,8 +517,11 @@ def _subnet(obj: dict[str, Any]) -> ipaddress.IPv4Network:
     try:
         # The network address and the host's .1 address (vmnet's convention)
         # name the same network; strict=False accepts either.
-        network = ipaddress.IPv4Network(f"{address}/{mask}", strict=False)
-        if network.netmask != ipaddress.IPv4Address(mask):  # not a prefix length or a host mask
+        if not isinstance(mask, str):
+            raise ValueError
+        netmask = ipaddress.IPv4Address(mask)
+        network = ipaddress.IPv4Network(f"{address}/{netmask}", strict=False)
+        if network.netmask != netmask:  # not a prefix length or a host mask
             raise ValueError
     except ValueError:
         raise ConfigError(f"'mask' {_show(mask)} is not an IPv4 netmask like 255.255.255.0") from None
@@ -434,9 +539,13 @@ def _subnet(obj: dict[str, Any]) -> ipaddress.IPv4Network:
 
 def _ipv6_prefix(value: Any) -> ipaddress.IPv6Network:
     try:
+        if not isinstance(value, str):
+            raise ValueError
         prefix = ipaddress.IPv6Network(value)
-    except (ValueError, TypeError):
-        raise ConfigError(f"'ipv6_prefix' {value!r} is not an IPv6 prefix like fd00:1:2:3::/64") from None
+    except ValueError:
+        raise ConfigError(f"'ipv6_prefix' {_show(value)} is not an IPv6 prefix like fd00:1:2:3::/64") from None
+    _ipv6_unscoped(prefix.network_address, value, "ipv6_prefix")
+    prefix = ipaddress.IPv6Network((int(prefix.network_address), prefix.prefixlen))
     if prefix.prefixlen != 64:
         raise ConfigError("'ipv6_prefix' must be a /64 (SLAAC needs 64-bit interface ids)")
     return prefix
@@ -457,6 +566,7 @@ def _plist_ipv6_prefix(obj: dict[str, Any]) -> ipaddress.IPv6Network:
             f"'ipv6_prefix' {_show(value)} is not an IPv6 address like fd12:3456:789a:1:: "
             "(the length goes in 'ipv6_prefix_length')"
         ) from None
+    address = _ipv6_unscoped(address, value, "ipv6_prefix")
     try:
         prefix = ipaddress.IPv6Network(f"{address}/{length}")
     except ValueError:
@@ -540,8 +650,10 @@ def _reservations(
             ip = _ipv4(item[ip_key], ip_key)
             _in_subnet(ip, subnet, key)
             hostname = item.get(hostname_key) if hostname_key else None
-            if hostname is not None and (not isinstance(hostname, str) or not _HOSTNAME.match(hostname)):
-                raise ConfigError(f"'{hostname_key}' {_show(hostname)} is not a DNS label")
+            if hostname is not None:
+                if not isinstance(hostname, str):
+                    raise ConfigError(f"'{hostname_key}' {_show(hostname)} is not a DNS label")
+                hostname = _ldh(hostname, str(hostname_key), valid_hostname, "a DNS label")
             if any(r.mac == mac or r.ip == ip for r in result):
                 raise ConfigError(f"{mac} {ip} repeats the MAC or the IP of an earlier entry")
             result.append(Reservation(mac, ip, hostname))
@@ -594,11 +706,11 @@ def _group(value: Any) -> int:
 
 def _account_id(value: Any, key: str, kind: str, lookup: Callable[[str], int]) -> int:
     """A uid or gid given as a number or a name (looked up now, at load time)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_ID:
         return value
     if isinstance(value, str):
         try:
             return lookup(value)
-        except KeyError:
-            raise ConfigError(f"'{key}': no {kind} named {value!r}") from None
+        except (KeyError, ValueError):  # ValueError: a NUL in the name
+            raise ConfigError(f"'{key}': no {kind} named {_show(value)}") from None
     raise ConfigError(f"'{key}': {value!r} is neither a {kind} name nor an id")

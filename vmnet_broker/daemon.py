@@ -19,20 +19,24 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 from types import ModuleType
 
-from . import _native
+from . import _native, files
 from .backends.base import Backend
 from .backends.darwin import DarwinBackend
 from .backends.darwin_config import unsupported_on_darwin
-from .backends.linux import LinuxBackend
+from .backends.linux import LinuxBackend, dnsmasq
 from .backends.linux_config import unsupported_on_linux
-from .broker import DEFAULT_IDLE_TIMEOUT, Broker
+from .broker import (
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_INTERFACES_PER_NETWORK,
+    DEFAULT_MAX_INTERFACES_PER_USER,
+    Broker,
+)
 from .client import DEFAULT_SERVICE, DEFAULT_SOCKET
 from .config import DEFAULT_CONFIG_DIR, Check, load_config_dir
-from .transports.seqpacket import SeqpacketServer
+from .transports.seqpacket import SeqpacketServer, listen_backlog
 from .transports.xpc import XpcServer
 
 log = logging.getLogger(__name__)
@@ -52,6 +56,9 @@ class Options:
     socket_group: str | None = None  # group that may connect (socket mode 0660)
     exit_idle: float | None = None  # exit this long after the last client left
     service_name: str = DEFAULT_SERVICE  # macOS: the Mach service to listen on
+    # Fair shares (broker.py): interfaces of one non-root user, of one network.
+    max_interfaces_per_user: int = DEFAULT_MAX_INTERFACES_PER_USER
+    max_interfaces_per_network: int = DEFAULT_MAX_INTERFACES_PER_NETWORK
 
 
 def _activated_listener() -> _native.Listener | None:
@@ -96,9 +103,11 @@ class NamespaceLock:
 
     def __init__(self, directory: str = LOCK_DIR) -> None:
         inode = os.stat("/proc/self/ns/net").st_ino
+        # Root's alone (created or fixed, or UnsafeDirectory), and the lock
+        # file never opened through a symlink.
+        directory = files.secure_directory(directory, "lock")
         self.path = os.path.join(directory, f"netns-{inode}.lock")
-        os.makedirs(directory, mode=0o755, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -163,18 +172,39 @@ def serve(options: Options, native: ModuleType | None = None) -> int:
         return asyncio.run(_serve(options, native))
     try:
         lock = NamespaceLock()
-    except AlreadyRunning as e:
+    except (AlreadyRunning, files.UnsafeDirectory, OSError) as e:
         log.error("%s; not starting", e)
         return 1
     with lock:
-        if os.environ.get("LISTEN_PID") != str(os.getpid()):
-            try:
+        activated = os.environ.get("LISTEN_PID") == str(os.getpid())
+        try:
+            options = _secure_directories(options, activated)
+            if not activated:
                 _check_socket_free(options.socket_path)
-            except AlreadyRunning as e:
-                log.error("%s; not starting", e)
-                return 1
+        except (AlreadyRunning, files.UnsafeDirectory, OSError) as e:
+            log.error("%s; not starting", e)
+            return 1
         _raise_fd_limit()
         return asyncio.run(_serve(options, native))
+
+
+def _secure_directories(options: Options, activated: bool) -> Options:
+    """The state directory and the socket's: root's alone, created or fixed, or refused.
+
+    A socket-group member who could write the socket's directory could swap
+    the new socket for a symlink before root chowns it; one who could write
+    the state directory could make root write through symlinks there.  The
+    socket path returned is in the directory's real path (no symlinks).
+    """
+    if not activated:  # else systemd made the socket (and its directory)
+        path = os.path.abspath(options.socket_path)
+        directory = files.secure_directory(os.path.dirname(path), "socket")
+        options = replace(options, socket_path=os.path.join(directory, os.path.basename(path)))
+    state = files.secure_directory(options.state_dir, "state")  # second: it may be below the socket's
+    if not dnsmasq.usable_state_dir(state):
+        raise files.UnsafeDirectory(f"state directory {state}: dnsmasq configs cannot name files there "
+                                    "(use letters, digits and ._/+@~- only)")  # fmt: skip
+    return options
 
 
 def _is_darwin(native: ModuleType) -> bool:
@@ -189,7 +219,6 @@ def _config_check(native: ModuleType) -> Check:
 def _backend(options: Options, native: ModuleType, loop: asyncio.AbstractEventLoop) -> Backend:
     if _is_darwin(native):
         return DarwinBackend(native)
-    Path(options.state_dir).mkdir(parents=True, exist_ok=True)
     return LinuxBackend(options.state_dir, loop)
 
 
@@ -200,9 +229,12 @@ def _transport(
         return XpcServer(broker, native.XpcListener(options.service_name), loop, failed)
     listener = _activated_listener()
     if listener is None:
-        listener = _native.Listener(options.socket_path)
+        listener = _native.Listener(options.socket_path, backlog=listen_backlog())
         if options.socket_group is not None:
-            os.chown(options.socket_path, -1, _gid(options.socket_group))
+            # lchown: never the target of a symlink put where the socket was
+            # (the directory is root's alone, so none can be; this is the
+            # second line of defence).
+            os.chown(options.socket_path, -1, _gid(options.socket_group), follow_symlinks=False)
     return SeqpacketServer(broker, listener, loop)
 
 
@@ -268,7 +300,11 @@ async def _serve(options: Options, native: ModuleType) -> int:
     backend = _backend(options, native, loop)
     backend.cleanup_leftovers()
 
-    broker = Broker(backend, configs, options.idle_timeout, loop)
+    broker = Broker(
+        backend, configs, options.idle_timeout, loop,
+        max_interfaces_per_user=options.max_interfaces_per_user,
+        max_interfaces_per_network=options.max_interfaces_per_network,
+    )  # fmt: skip
     lifetime = _Lifetime(loop, broker, options.exit_idle, native)
     broker.connections_changed = lifetime.connections_changed
     if threading.current_thread() is threading.main_thread():

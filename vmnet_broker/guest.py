@@ -48,7 +48,8 @@ class Guest:
             )
             # One pump per queue: a multiqueue TAP spreads flows over its
             # queues, and a queue nobody reads loses its frames.
-            self._pumps = [_native.Pump(fd, self._tap.fds()[0]) for fd in self.interface.fds]
+            frame_size = _native.pump_frame_size(self.interface.mtu, self.interface.vnet_hdr)
+            self._pumps = [_native.Pump(fd, self._tap.fds()[0], frame_size) for fd in self.interface.fds]
         except BaseException:
             self.close()
             raise

@@ -19,6 +19,8 @@ from .errors import Code
 
 MAX_MESSAGE = 65536
 MAX_QUEUES = 16
+# Bound of status paging's "offset" and "limit" (rows: networks, attachments, names).
+MAX_STATUS_ROWS = 10_000_000
 # Set by the native XPC listener on a request dictionary it could not convert.
 INVALID_KEY = "__invalid__"
 KINDS = ("tap", "dgram")
@@ -64,6 +66,12 @@ class Attach:
     mac: str | None = None
     vnet_hdr: bool = False
     queues: int = 1
+    # A TAP that outlives its fds, opened by name by the VMM (Firecracker);
+    # no fd is handed over.
+    persist: bool = False
+    # Who may open a persistent TAP: the requesting peer's uid, set by the
+    # broker from SO_PEERCRED, never read from the request.
+    owner_uid: int | None = None
 
 
 @dataclass(frozen=True)
@@ -73,7 +81,10 @@ class Detach:
 
 @dataclass(frozen=True)
 class Status:
-    pass
+    # Paging (our extension): the first row, and at most this many rows
+    # (None: as many as fit one reply).
+    offset: int = 0
+    limit: int | None = None
 
 
 Command = Union[Acquire, Release, Attach, Detach, Status]
@@ -106,15 +117,9 @@ def parse_request(data: bytes, truncated: bool = False) -> Request:
 
 
 def parse_message(obj: object) -> Request:
-    """Validate one decoded request: a JSON object, or an XPC dictionary as plain values.
-
-    The native XPC listener hands over a dictionary it could not convert as
-    ``{INVALID_KEY: reason}``; that is malformed like any other bad shape.
-    """
+    """Validate one decoded request: a JSON object, or an XPC dictionary as plain values."""
     if not isinstance(obj, dict):
         raise _invalid(f"request must be a JSON object, not {type(obj).__name__}")
-    if INVALID_KEY in obj:
-        raise _invalid(f"request dictionary not understood: {obj[INVALID_KEY]}")
 
     has_id = "id" in obj
     request_id = obj.get("id")
@@ -153,10 +158,20 @@ def _parse_command(obj: dict[str, Any]) -> Command:
     if command == "detach":
         return Detach(_string(obj, "interface"))
     if command == "status":
-        return Status()
+        return _parse_status(obj)
     if command == "attach":
         return _parse_attach(obj)
     raise _invalid(f"unknown command {command!r}")
+
+
+def _parse_status(obj: dict[str, Any]) -> Status:
+    offset = obj.get("offset", 0)
+    if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset <= MAX_STATUS_ROWS:
+        raise _invalid(f"'offset' must be an integer between 0 and {MAX_STATUS_ROWS}")
+    limit = obj.get("limit")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_STATUS_ROWS):
+        raise _invalid(f"'limit' must be an integer between 1 and {MAX_STATUS_ROWS}")
+    return Status(offset, limit)
 
 
 def _parse_attach(obj: dict[str, Any]) -> Attach:
@@ -183,7 +198,22 @@ def _parse_attach(obj: dict[str, Any]) -> Attach:
     if queues > 1 and kind != "tap":
         raise _invalid("'queues' > 1 needs kind 'tap'")
 
-    return Attach(name, kind, mac, vnet_hdr, queues)
+    persist = obj.get("persist", False)
+    if not isinstance(persist, bool):
+        raise _invalid("'persist' must be true or false")
+    if persist:
+        # The kernel takes IFF_VNET_HDR from the TUNSETIFF of the VMM that
+        # opens it by name, so a vnet_hdr asked for here would mean nothing;
+        # one queue, because single-queue VMMs (Firecracker) cannot attach
+        # to a multiqueue device.
+        if kind != "tap":
+            raise _invalid("'persist' needs kind 'tap'")
+        if vnet_hdr:
+            raise _invalid("a 'persist' TAP takes no 'vnet_hdr': the VMM that opens it sets IFF_VNET_HDR itself")
+        if queues > 1:
+            raise _invalid("a 'persist' TAP has one queue")
+
+    return Attach(name, kind, mac, vnet_hdr, queues, persist)
 
 
 def normalize_mac(mac: object) -> str:

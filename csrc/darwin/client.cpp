@@ -23,7 +23,7 @@ XpcClient::XpcClient(std::string service_name, bool privileged) : service_name_(
   xpc_connection_activate(connection);
 }
 
-Value XpcClient::send(const ValueMap& message) {
+Value XpcClient::send(const ValueMap& message, const std::vector<std::string>& opaque_keys) {
   constexpr const char* operation = "xpc_connection_send_message_with_reply_sync";
   XpcObject request = to_xpc(Value{message});
   XpcConnection connection;  // our own reference: close() may run meanwhile
@@ -34,7 +34,7 @@ Value XpcClient::send(const ValueMap& message) {
   if (!connection) throw SysError(EBADF, operation, service_name_);
   XpcObject reply = XpcObject::adopt(xpc_connection_send_message_with_reply_sync(connection.get(), request.get()));
   if (xpc_get_type(reply.get()) == XPC_TYPE_ERROR) throw XpcError(operation, xpc_error_description(reply.get()));
-  return from_xpc(reply.get());
+  return from_xpc(reply.get(), opaque_keys);
 }
 
 void XpcClient::close() noexcept {

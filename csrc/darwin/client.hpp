@@ -4,6 +4,7 @@
 
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "darwin/queue.hpp"
 #include "darwin/value.hpp"
@@ -20,10 +21,11 @@ class XpcClient {
   XpcClient(const XpcClient&) = delete;
   XpcClient& operator=(const XpcClient&) = delete;
 
-  // Sends `message` and waits for the reply.  XpcError when XPC answers
-  // with an error object; InvalidValue if `message` or the reply is beyond
-  // the conversion limits; SysError(EBADF) after close().
-  Value send(const ValueMap& message);
+  // Sends `message` and waits for the reply.  In a dictionary reply the
+  // values of `opaque_keys` stay XpcObjects (see from_xpc).  XpcError when
+  // XPC answers with an error object; InvalidValue if `message` or the
+  // reply is beyond the conversion limits; SysError(EBADF) after close().
+  Value send(const ValueMap& message, const std::vector<std::string>& opaque_keys);
   // Cancels the connection; a send() in flight returns an XpcError.
   // Idempotent.
   void close() noexcept;

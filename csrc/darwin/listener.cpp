@@ -124,17 +124,20 @@ void on_listener_event(const std::shared_ptr<ListenerState>& state, xpc_object_t
     if (!state->closed) state->push(std::move(e));  // after close(), INVALID is our own cancel
   } catch (...) {
     // Only allocation can fail here, and there is nobody to tell: the
-    // exception must not reach libdispatch.  A new peer that was not
-    // accepted is released by XPC unactivated.
+    // exception must not reach libdispatch.  A peer Python never heard of
+    // is cancelled, not left unactivated (undefined in XPC) or served by
+    // nobody; its "gone" is then for a peer Python ignores.
+    if (xpc_get_type(event) == XPC_TYPE_CONNECTION) xpc_connection_cancel(static_cast<xpc_connection_t>(event));
   }
 }
 
 void on_request(const std::shared_ptr<ListenerState>& state, std::uint64_t id, xpc_object_t request) {
   ValueMap message;
+  std::string invalid;
   try {
     message = std::get<ValueMap>(from_xpc(request).data);
   } catch (const InvalidValue& e) {
-    message.emplace("__invalid__", Value{std::string(e.what())});
+    invalid = e.what();
   }
   std::lock_guard<std::mutex> lock(state->mutex);
   auto peer = state->peers.find(id);
@@ -144,6 +147,7 @@ void on_request(const std::shared_ptr<ListenerState>& state, std::uint64_t id, x
   XpcEvent event = ListenerState::event_for("request", id, peer->second);
   event.request = request_id;
   event.message = std::move(message);
+  event.invalid = std::move(invalid);
   state->push(std::move(event));
 }
 

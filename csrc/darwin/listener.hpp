@@ -27,9 +27,11 @@ struct XpcEvent {
   gid_t gid = 0;  // egid
   // Id of a "request" event, to reply to; 0 otherwise.
   std::uint64_t request = 0;
-  // The request's dictionary; {"__invalid__": reason} when it is beyond
-  // the conversion limits, so policy can still answer it.
+  // The request's dictionary as plain values; empty when it is beyond the
+  // conversion limits, and then `invalid` says why, so policy can still
+  // answer it (with "invalid request") without a key a peer could forge.
   ValueMap message;
+  std::string invalid;
   // XPC_ERROR_KEY_DESCRIPTION of an "error" or "terminating" event.
   std::string description;
 };

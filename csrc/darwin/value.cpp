@@ -1,5 +1,7 @@
 #include "darwin/value.hpp"
 
+#include <algorithm>
+
 #include <cstdlib>
 #include <limits>
 #include <memory>
@@ -66,7 +68,7 @@ Value from_xpc_array(xpc_object_t array, int depth) {
   return Value{std::move(list)};
 }
 
-Value from_xpc_dictionary(xpc_object_t dict, int depth) {
+Value from_xpc_dictionary(xpc_object_t dict, int depth, const std::vector<std::string>* opaque_keys = nullptr) {
   std::size_t count = xpc_dictionary_get_count(dict);
   check_container(depth, count, "dictionary");
   // Only collect inside the block: with room reserved, nothing there can
@@ -81,7 +83,11 @@ Value from_xpc_dictionary(xpc_object_t dict, int depth) {
     return true;
   });
   ValueMap map;
-  for (const auto& [key, item] : entries) map.emplace(key, from_xpc(item, depth + 1));
+  for (const auto& [key, item] : entries) {
+    bool opaque = opaque_keys != nullptr &&
+                  std::find(opaque_keys->begin(), opaque_keys->end(), key) != opaque_keys->end();
+    map.emplace(key, opaque ? Value{XpcObject::retain(item)} : from_xpc(item, depth + 1));
+  }
   return Value{std::move(map)};
 }
 
@@ -127,6 +133,11 @@ void check_container(int depth, std::size_t count, const char* kind) {
 XpcObject to_xpc(const Value& value) { return to_xpc(value, 1); }
 
 Value from_xpc(xpc_object_t object) { return from_xpc(object, 1); }
+
+Value from_xpc(xpc_object_t object, const std::vector<std::string>& opaque_keys) {
+  if (xpc_get_type(object) != XPC_TYPE_DICTIONARY) return from_xpc(object, 1);
+  return from_xpc_dictionary(object, 1, &opaque_keys);
+}
 
 std::string xpc_type_name(xpc_object_t object) {
   const char* name = xpc_type_get_name(xpc_get_type(object));

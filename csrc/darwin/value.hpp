@@ -48,6 +48,11 @@ XpcObject to_xpc(const Value& value);
 // Converts a borrowed XPC object.  InvalidValue beyond the limits.
 Value from_xpc(xpc_object_t object);
 
+// As from_xpc, except that in a dictionary the values of `opaque_keys` stay
+// XpcObjects: a vmnet serialization is itself a dictionary, and a client
+// must hand it back to vmnet as it came, not as plain values.
+Value from_xpc(xpc_object_t object, const std::vector<std::string>& opaque_keys);
+
 // xpc_type_get_name of the object's type ("dictionary", "data", ...).
 std::string xpc_type_name(xpc_object_t object);
 // xpc_copy_description, for logs.

@@ -12,6 +12,7 @@
 #include <cstring>
 
 #include "common/sys_error.hpp"
+#include "linux/closer.hpp"
 
 namespace vmb {
 
@@ -29,6 +30,20 @@ bool peer_gone(int fd) {
 
 // SCM_MAX_FD in the kernel: more fds on one sendmsg() is EINVAL.
 constexpr std::size_t kKernelMaxFds = 253;
+static_assert(kMaxFds >= kKernelMaxFds, "every fd a packet can carry must fit the control buffer");
+
+// Hands every fd of the SCM_RIGHTS messages in `msg` to the closer.
+void close_arrived_fds(msghdr& msg) {
+  for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
+    if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+    std::size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+    for (std::size_t i = 0; i < count; ++i) {
+      int arrived;
+      std::memcpy(&arrived, CMSG_DATA(c) + i * sizeof(int), sizeof arrived);
+      close_later(arrived);
+    }
+  }
+}
 
 void make_parent_dirs(const std::string& path) {
   // Each prefix ending before a '/' is a directory to create; "/" itself is skipped.
@@ -140,6 +155,34 @@ void Listener::close() noexcept {
   if (::lstat(path_.c_str(), &st) == 0 && st.st_dev == dev_ && st.st_ino == ino_) ::unlink(path_.c_str());
 }
 
+void Connection::close() noexcept {
+  if (!fd_) return;
+  // Closing a socket releases the packets still queued on it, and with them
+  // the files they carry, in the closing thread: read them here instead, so
+  // their fds go to the closer, and let a closer thread close the socket (a
+  // packet that came after the drain, or a nested one, waits there, not here).
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * kMaxFds)];
+  char byte;
+  for (int i = 0; i < kDrainOnClose; ++i) {
+    iovec iov{&byte, 1};
+    msghdr msg{};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof control;
+    ssize_t n = ::recvmsg(fd_.get(), &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      break;  // EAGAIN: drained
+    }
+    bool had_fds = msg.msg_controllen > 0;
+    close_arrived_fds(msg);
+    // EOF (or an empty packet without fds from a peer that is gone): done.
+    if (n == 0 && !had_fds && peer_gone(fd_.get())) break;
+  }
+  close_later(fd_.release());
+}
+
 int Connection::checked_fd(const char* operation) const {
   if (!fd_) throw SysError(EBADF, operation);
   return fd_.get();
@@ -162,20 +205,12 @@ std::optional<Message> Connection::recv() {
     ssize_t n = ::recvmsg(fd, &msg, MSG_CMSG_CLOEXEC | MSG_TRUNC | MSG_DONTWAIT);
     int saved = errno;
 
-    // The protocol takes no fds from clients: close whatever arrived. With
-    // MSG_CTRUNC the fds that did not fit were never installed here, so
-    // closing these leaks nothing and the packet itself is still good.
-    if (n >= 0) {
-      for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
-        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
-        std::size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-        for (std::size_t i = 0; i < count; ++i) {
-          int arrived;
-          std::memcpy(&arrived, CMSG_DATA(c) + i * sizeof(int), sizeof arrived);
-          ::close(arrived);
-        }
-      }
-    }
+    // The protocol takes no fds from clients: whatever arrived is closed,
+    // on the closer's threads, since a close can wait as long as the
+    // client likes (a lingering TCP socket with a full send queue). The
+    // control buffer holds the most a packet can carry, so none was left
+    // for the kernel to release in this thread.
+    if (n >= 0) close_arrived_fds(msg);
 
     if (n < 0) {
       if (saved == EINTR) continue;

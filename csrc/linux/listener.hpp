@@ -15,7 +15,14 @@
 namespace vmb {
 
 constexpr std::size_t kMaxMessage = 65536;  // largest request packet accepted
-constexpr std::size_t kMaxFds = 64;         // most fds received on one packet
+// Most fds one packet can carry (the kernel's SCM_MAX_FD). Received fds are
+// never used, but the control buffer takes them all: an fd that does not fit
+// (MSG_CTRUNC) is released by the kernel in the receiving thread, and that
+// release may wait (see closer.hpp).
+constexpr std::size_t kMaxFds = 253;
+// Packets read and dropped when a connection closes, so that their fds go to
+// the closer instead of being released inside close().
+constexpr int kDrainOnClose = 1024;
 
 // The peer closed its end or reset the connection. `code` is 0 for EOF.
 class ConnectionClosedError : public std::runtime_error {
@@ -36,17 +43,23 @@ class Connection {
  public:
   Connection(UniqueFd fd, pid_t pid, uid_t uid, gid_t gid)
       : fd_(std::move(fd)), pid_(pid), uid_(uid), gid_(gid) {}
+  Connection(Connection&&) = default;
+  Connection& operator=(Connection&&) = default;
+  ~Connection() { close(); }
 
   pid_t pid() const noexcept { return pid_; }
   uid_t uid() const noexcept { return uid_; }
   gid_t gid() const noexcept { return gid_; }
   int fileno() const noexcept { return fd_.get(); }
 
-  // One packet, or nullopt if none is waiting. Arrived fds are closed.
+  // One packet, or nullopt if none is waiting. Arrived fds are handed to
+  // the closer (closer.hpp): nothing a client sends can make this wait.
   std::optional<Message> recv();
   // One packet with `fds` attached; never blocks (EAGAIN is a SysError).
   void send(const char* data, std::size_t size, const std::vector<int>& fds);
-  void close() noexcept { fd_.reset(); }
+  // Reads and drops the packets still queued (their fds to the closer), then
+  // hands the socket itself to the closer. Idempotent; never blocks.
+  void close() noexcept;
 
  private:
   int checked_fd(const char* operation) const;

@@ -263,6 +263,19 @@ Request link_request(uint16_t type, uint16_t flags, const std::string& name) {
   return req;
 }
 
+// A request addressed to the link of ifindex `index` (the kernel ignores any name then).
+Request link_request(uint16_t type, uint16_t flags, int index) {
+  Request req(type, static_cast<uint16_t>(NLM_F_ACK | flags));
+  ifinfomsg info = link_header();
+  info.ifi_index = index;
+  req.put(info);
+  return req;
+}
+
+void check_index(int index, const std::string& operation) {
+  if (index <= 0) throw SysError(EINVAL, operation + ": bad ifindex", std::to_string(index));
+}
+
 int link_index(Socket& sock, const std::string& name) {
   check_name(name, "look up link");
   Request req = link_request(RTM_GETLINK, 0, name);
@@ -465,6 +478,45 @@ void delete_group(uint32_t group) {
   req.put(link_header());
   req.attr_u32(IFLA_GROUP, group);
   sock.transact(req, "delete group", "group " + std::to_string(group));
+}
+
+Link get_link(int index) {
+  check_index(index, "look up link");
+  Socket sock;
+  Request req = link_request(RTM_GETLINK, 0, index);
+  req.attr_u32(IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS);
+  Link found;
+  sock.transact(req, "look up link", "ifindex " + std::to_string(index), [&](const nlmsghdr* reply) {
+    Link link;
+    if (parse_link(reply, link) && link.index == index) found = std::move(link);
+  });
+  if (found.index == 0) throw SysError(ENODEV, "look up link", "ifindex " + std::to_string(index));
+  return found;
+}
+
+void delete_link(int index) {
+  check_index(index, "delete link");
+  Socket sock;
+  Request req = link_request(RTM_DELLINK, 0, index);
+  sock.transact(req, "delete link", "ifindex " + std::to_string(index));
+}
+
+void set_group(int index, uint32_t group) {
+  check_index(index, "set group");
+  Socket sock;
+  Request req = link_request(RTM_SETLINK, 0, index);
+  req.attr_u32(IFLA_GROUP, group);
+  sock.transact(req, "set group", "ifindex " + std::to_string(index));
+}
+
+void set_master(const std::string& name, int master_index) {
+  check_name(name, "set master");
+  if (master_index < 0) throw SysError(EINVAL, "set master: bad ifindex", name);
+  Socket sock;
+  Request req = link_request(RTM_SETLINK, 0, name);
+  req.attr_u32(IFLA_MASTER, static_cast<uint32_t>(master_index));
+  sock.transact(req, master_index == 0 ? "release from master" : "set master ifindex " + std::to_string(master_index),
+                name);
 }
 
 std::vector<Link> list_links(const std::string& prefix) {

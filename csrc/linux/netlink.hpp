@@ -45,6 +45,13 @@ void delete_link(const std::string& name);
 void set_group(const std::string& name, uint32_t group);
 // Deletes every link of `group` in one request; ENODEV if the group is empty.
 void delete_group(uint32_t group);
+// By ifindex: the link the broker created, whatever name it has now, and
+// never another that took its name after it was deleted. ENODEV if gone.
+Link get_link(int index);
+void delete_link(int index);
+void set_group(int index, uint32_t group);
+// Enslaves `name` to the bridge of ifindex `master_index` (0 releases it).
+void set_master(const std::string& name, int master_index);
 // Links whose name starts with `prefix`, in ifindex order.
 std::vector<Link> list_links(const std::string& prefix);
 // Every route of `family` (AF_INET or AF_INET6) in every table.

@@ -85,6 +85,17 @@ std::vector<int> Tap::fds() const {
   return out;
 }
 
+void Tap::make_persistent(uid_t owner, std::optional<gid_t> group) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (fds_.empty()) throw SysError(EBADF, "make persistent: the TAP is closed", name_);
+  int fd = fds_.front().get();
+  // Persistence last: if setting the owner fails, the device still goes
+  // with its fds.
+  if (::ioctl(fd, TUNSETOWNER, static_cast<unsigned long>(owner)) < 0) throw_errno("TUNSETOWNER", name_);
+  if (group && ::ioctl(fd, TUNSETGROUP, static_cast<unsigned long>(*group)) < 0) throw_errno("TUNSETGROUP", name_);
+  if (::ioctl(fd, TUNSETPERSIST, 1UL) < 0) throw_errno("TUNSETPERSIST", name_);
+}
+
 void Tap::close() noexcept {
   std::vector<UniqueFd> closing;
   {

@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include <sys/types.h>
+
 #include "common/unique_fd.hpp"
 
 namespace vmb {
@@ -34,8 +36,14 @@ class Tap {
   bool vnet_hdr() const noexcept { return vnet_hdr_; }
   // The queue fds, still owned here; empty once closed.
   std::vector<int> fds() const;
-  // Closing the last fd removes the device. Idempotent.
+  // Closing the last fd removes the device, unless it was made persistent.
+  // Idempotent.
   void close() noexcept;
+  // Keep the device after its last fd closes (TUNSETPERSIST), attachable by
+  // name (TUNSETIFF) by `owner` and, if given, members of `group`
+  // (TUNSETOWNER, TUNSETGROUP), besides CAP_NET_ADMIN. Only RTM_DELLINK
+  // removes it then. Needs an open fd: call before close().
+  void make_persistent(uid_t owner, std::optional<gid_t> group);
 
  private:
   void open_queues(const std::string& name, int queues);

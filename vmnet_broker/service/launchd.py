@@ -13,6 +13,7 @@ unless ``replace``, which boots it out first.  See docs/launchd.md.
 from __future__ import annotations
 
 import plistlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,8 @@ def install(options: ServiceOptions, run: Runner) -> list[str]:
     if loaded and all(f.label != label for f in foreign):
         required(run, ["launchctl", "bootout", f"system/{label}"])  # ours: reinstalling
         done.append(f"booted out the installed system/{label}")
+    if loaded or foreign:
+        _wait_gone(run, label)
 
     make_dir(under(options.root, LOG_DIR))
     exit_idle = EXIT_IDLE if options.exit_idle is None else options.exit_idle
@@ -149,6 +152,20 @@ def parse_print(text: str) -> dict[str, str]:
             if sep and not value.endswith("{"):
                 fields[key] = value
     return fields
+
+
+# How long to wait for a booted-out job to be gone: past its ExitTimeOut (60 s).
+BOOTOUT_WAIT = 90.0
+
+
+def _wait_gone(run: Runner, label: str) -> None:
+    """bootout may return before the old job has exited; bootstrap would then
+    fail ("Input/output error")."""
+    deadline = time.monotonic() + BOOTOUT_WAIT
+    while _loaded(run, label):
+        if time.monotonic() > deadline:
+            raise ServiceError(f"system/{label} is still loaded {BOOTOUT_WAIT:g} s after bootout")
+        time.sleep(0.2)
 
 
 def _loaded(run: Runner, label: str) -> bool:

@@ -31,6 +31,8 @@ Description=vmnet-broker socket
 [Socket]
 ListenSequentialPacket={socket_path}
 SocketMode=0660
+# Pending connections: as many as the kernel allows (net.core.somaxconn cuts it).
+Backlog=65535
 # Members of this group may use the broker without root.
 SocketGroup={group}
 

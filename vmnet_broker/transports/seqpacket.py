@@ -4,17 +4,27 @@ Each connection's fd is watched with ``add_reader``; every packet is handed to
 the broker, and the reply (with fds) goes back in request order.  A client
 that stops reading its replies is not read from either until it catches up,
 so one slow client costs the broker a bounded queue and nothing else.
+
+One client cannot hold the others up: each wake-up of a connection handles
+its packets for at most ``WAKEUP_BUDGET`` of loop time, then the loop serves
+whoever else is ready; fds a client attaches are closed on native closer
+threads (``_native.closer_stats``); a reply that cannot be sent as one packet
+is answered with code 7 instead of costing the client its connection; and a
+client that shuts down its writing side still gets the replies it asked for.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import logging
 import os
+import time
 
-from .. import _native
+from .. import _native, protocol
 from ..broker import Broker, Peer, Reply
+from ..errors import Code
 
 log = logging.getLogger(__name__)
 
@@ -22,13 +32,37 @@ log = logging.getLogger(__name__)
 # its requests until the queue drains.
 MAX_QUEUED_REPLIES = 64
 # Packets handled per wake-up of one connection, so one busy client cannot
-# starve the others.
+# starve the others ...
 MAX_PACKETS_PER_WAKEUP = 32
+# ... and loop time spent on them: past this, the rest waits for the next
+# wake-up, after every other ready client had its turn.  (32 pipelined
+# requests that each took the loop 20 ms once kept another client's status
+# waiting half a second.)
+WAKEUP_BUDGET = 0.002
+# Connections accepted per wake-up of the listener.
+MAX_ACCEPTS_PER_WAKEUP = 64
 # How long to stop accepting after accept() failed (out of fds, usually).
 ACCEPT_BACKOFF = 0.1
 # fds held by replies queued for one client: past this, stop reading it, so
 # a client that never reads cannot pin the broker's fds.
 MAX_QUEUED_FDS = 64
+
+
+SOMAXCONN_PATH = "/proc/sys/net/core/somaxconn"
+
+
+def listen_backlog() -> int:
+    """The system's most pending connections (``net.core.somaxconn``), for ``listen()``.
+
+    1,000 clients connecting at once overflowed a backlog of 128 and were
+    refused with EAGAIN; the kernel cuts any larger value to this one, so
+    it is the most we can have.
+    """
+    try:
+        with open(SOMAXCONN_PATH) as f:
+            return max(128, int(f.read().split()[0]))
+    except (OSError, ValueError, IndexError):
+        return 4096  # the kernel's default since 5.4
 
 
 def peer_groups(pid: int) -> frozenset[int]:
@@ -53,6 +87,10 @@ class _Client:
         self.reading = False
         self.writing = False
         self.closed = False
+        # The client shut down its sending side (or closed): answer what it
+        # asked, then close.
+        self.eof = False
+        self.waiting = False  # a flush is due when the head reply is ready
 
     def start(self) -> None:
         self._set_reading(True)
@@ -78,25 +116,42 @@ class _Client:
         )
 
     def _readable(self) -> None:
+        started = time.monotonic()
         for _ in range(MAX_PACKETS_PER_WAKEUP):
-            if self.closed or self._backlogged():
+            if self.closed or self.eof or self._backlogged():
                 break
             try:
                 packet = self.conn.recv()
-            except (_native.ConnectionClosed, OSError):
+            except _native.ConnectionClosed as e:
+                if e.errno:  # reset: nobody is left to read replies
+                    self.close()
+                    return
+                # EOF: the client may only have shut down its sending side
+                # (a request, then shutdown(SHUT_WR)): its replies still go.
+                self.eof = True
+                break
+            except OSError:
                 self.close()
                 return
             if packet is None:
                 break
             data, truncated = packet
             self.outbox.append(self.server.broker.request(self.peer, data, truncated))
+            if time.monotonic() - started > WAKEUP_BUDGET:
+                break  # the others' turn; the rest is still readable next time
         self._flush()
 
     def _flush(self) -> None:
         while self.outbox and not self.closed:
             reply = self.outbox[0]
+            if reply.ready is not None and not reply.ready.done():
+                # Replies leave in order: everything waits for this one.
+                if not self.waiting:
+                    self.waiting = True
+                    reply.ready.add_done_callback(self._ready)
+                break
             try:
-                self.conn.send(reply.data, reply.fds)
+                self._send(reply)
             except BlockingIOError:
                 break
             except (_native.ConnectionClosed, OSError):
@@ -106,8 +161,38 @@ class _Client:
             reply.sent()
         if self.closed:
             return
-        self._set_writing(bool(self.outbox))
-        self._set_reading(not self._backlogged())
+        if self.eof and not self.outbox:
+            self.close()
+            return
+        self._set_writing(bool(self.outbox) and not self.waiting)
+        self._set_reading(not self.eof and not self._backlogged())
+
+    def _ready(self, _: object) -> None:
+        self.waiting = False
+        self._flush()
+
+    def _send(self, reply: Reply) -> None:
+        """One reply as one packet; one that cannot be is answered with code 7."""
+        data = reply.data
+        limit = self.server.broker.max_reply
+        if len(data) <= limit:
+            try:
+                self.conn.send(data, reply.fds)
+                return
+            except OSError as e:
+                if e.errno != errno.EMSGSIZE:
+                    raise
+                reason = f"the kernel refused it (EMSGSIZE, {len(data)} bytes)"
+        else:
+            reason = f"{len(data)} bytes, more than the {limit} a packet may carry"
+        # Not a dead peer: the client stays connected and keeps what it holds.
+        log.warning("%s: reply too large (%s); answering with code 7", self.peer, reason)
+        body = protocol.error_body(Code.INTERNAL_ERROR, f"reply too large: {reason}")
+        if "id" in reply.body:
+            with_id = {**body, "id": reply.body["id"]}
+            if len(protocol.encode(with_id)) <= limit:
+                body = with_id
+        self.conn.send(protocol.encode(body), [])
 
     def close(self) -> None:
         if self.closed:
@@ -139,7 +224,7 @@ class SeqpacketServer:
         log.info("listening on %s (broker pid %d)", self.listener.path, os.getpid())
 
     def _accept(self) -> None:
-        for _ in range(MAX_PACKETS_PER_WAKEUP):
+        for _ in range(MAX_ACCEPTS_PER_WAKEUP):
             try:
                 conn = self.listener.accept()
             except OSError as e:

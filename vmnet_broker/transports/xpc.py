@@ -30,6 +30,7 @@ class XpcEvent(Protocol):
     gid: int
     request: int
     message: dict[str, object]
+    invalid: str
     description: str
 
 
@@ -99,18 +100,28 @@ class XpcServer:
     def _on_peer(self, event: XpcEvent) -> None:
         try:
             peer = self.broker.connect(event.pid, event.uid, event.gid, user_groups(event.uid, event.gid))
-        except ConnectionRefusedError as e:
-            log.warning("peer %d refused: %s", event.pid, e)
+        except Exception as e:
+            # Refused (too many connections) or a bug: either way a peer we
+            # do not track is cancelled, never left waiting for replies.
+            if isinstance(e, ConnectionRefusedError):
+                log.warning("peer %d refused: %s", event.pid, e)
+            else:
+                log.exception("peer %d: accepting failed", event.pid)
             self.listener.cancel_peer(event.peer)
             return
         self.peers[event.peer] = peer
 
     def _on_request(self, event: XpcEvent) -> None:
         peer = self.peers.get(event.peer)
-        if peer is None:  # a refused peer's message in flight
-            self.listener.discard(event.request)
+        if peer is None:
+            # A cancelled peer's message in flight: answer it anyway, so no
+            # client blocks in send_message_with_reply_sync.
+            self.listener.reply(event.request, {"error": 7, "message": "connection refused"})
             return
-        reply = self.broker.request_message(peer, event.message)
+        if event.invalid:
+            reply = self.broker.refuse(peer, event.invalid)
+        else:
+            reply = self.broker.request_message(peer, event.message)
         try:
             delivered = self.listener.reply(event.request, reply.body)
         except ValueError as e:  # a body XPC cannot carry: a bug of ours

@@ -14,28 +14,23 @@ failure unwinds what was done in reverse.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import ipaddress
 import logging
 import socket
 import subprocess
-import time
+import threading
 from pathlib import Path
 from typing import Any
 
-from ... import _native
+from ... import _native, files
 from ...config import NetworkConfig
 from ...protocol import KINDS, Attach
 from ..base import CreateError
-from . import dnsmasq, firewall, names, network, subnets
+from . import dnsmasq, firewall, names, network, restart, subnets, watch
 from .state import RememberedChoices, random_ula_prefix
 
 log = logging.getLogger(__name__)
-
-# A dnsmasq that keeps dying is given up on rather than restarted forever.
-MAX_RESTARTS = 5
-RESTART_WINDOW = 60.0
 
 
 _TABLES = {253: "default", 254: "main"}
@@ -48,13 +43,23 @@ class LinuxNetwork:
         subnet: ipaddress.IPv4Network,
         ipv6_prefix: ipaddress.IPv6Network | None,
         bridge: str,
+        bridge_index: int = 0,
     ) -> None:
         self.config = config
         self.subnet = subnet
         self.ipv6_prefix = ipv6_prefix
         self.bridge = bridge
+        # The bridge as the kernel knows it: acted on by this, never by name (watch.py).
+        self.bridge_index = bridge_index
         self.dnsmasq: dnsmasq.Dnsmasq | None = None
-        self.restarts: collections.deque[float] = collections.deque(maxlen=MAX_RESTARTS)
+        # What went wrong behind the broker's back; `status` shows it as "degraded".
+        self.problems = watch.Problems(config.name)
+        self.restarts = restart.Restarts(config.name, self.problems)
+
+    @property
+    def degraded(self) -> str | None:
+        """Why the network does not work as created, or None (``status``)."""
+        return self.problems.text()
 
     @property
     def gateway(self) -> ipaddress.IPv4Address:
@@ -117,12 +122,20 @@ class LinuxBackend:
     attach_kinds = KINDS
 
     def __init__(self, state_dir: str | Path, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        self.state_dir = Path(state_dir).absolute()
-        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+        # Root writes here: root's alone, every directory above it too, or
+        # UnsafeDirectory (files.py); the real path, so no symlink is in it.
+        self.state_dir = Path(files.secure_directory(state_dir, "state"))
         self._loop = loop
         self._networks: dict[str, LinuxNetwork] = {}
         self._remembered = RememberedChoices(self.state_dir)
         self._groups = names.link_groups()
+        # Persistent TAPs on record, until destroyed (their names stay taken).
+        # Destroying may run on another thread than creating: hence the lock.
+        self._persistent: set[str] = set()
+        self._persistent_lock = threading.Lock()
+        # Netlink events on the loop: links, addresses and routes changed
+        # behind the broker's back make networks degraded (watch.py).
+        self._watcher = watch.Watcher(loop, self._bridge_gone) if loop is not None else None
 
     # -- leftovers --------------------------------------------------------------
 
@@ -134,7 +147,7 @@ class LinuxBackend:
         # TAPs first: deleting a bridge releases its ports but leaves them.
         links = sorted(_native.list_links(names.PREFIX), key=lambda link: link.kind == "bridge")
         for link in links:
-            network.delete_link_quietly(link.name)
+            network.delete_link_quietly(link.index)  # the one listed, not a newcomer of that name
             log.warning("removed leftover %s %s", link.kind or "link", link.name)
 
     # -- networks -----------------------------------------------------------------
@@ -144,14 +157,17 @@ class LinuxBackend:
         prefix = self._pick_ipv6_prefix(config)
         with contextlib.ExitStack() as undo:
             try:
-                bridge = network.create_bridge(subnet, config.mtu)
-                undo.callback(network.delete_link_quietly, bridge)
+                # Not a name a network on record still has, even one whose
+                # bridge was deleted behind our back (watch.py).
+                in_use = frozenset(n.bridge for n in self._networks.values())
+                bridge, bridge_index = network.create_bridge(subnet, config.mtu, in_use)
+                undo.callback(network.delete_link_quietly, bridge_index)
                 if prefix is not None:
                     _native.add_address(bridge, str(prefix.network_address + 1), prefix.prefixlen)
             except OSError as e:
                 raise CreateError(f"cannot create bridge for {config.name!r}: {e}") from e
 
-            net = LinuxNetwork(config, subnet, prefix, bridge)
+            net = LinuxNetwork(config, subnet, prefix, bridge, bridge_index)
             self._apply_firewall([*self._networks.values(), net])
             undo.callback(self._apply_firewall_quietly, list(self._networks.values()))
 
@@ -161,6 +177,8 @@ class LinuxBackend:
             undo.pop_all()
 
         self._networks[config.name] = net
+        if self._watcher is not None:
+            self._watcher.watch(net)
         try:
             self._remembered.remember(config.name, subnet=subnet, ipv6_prefix=prefix)
         except OSError as e:  # the network works; it may just be renumbered after a restart
@@ -170,11 +188,15 @@ class LinuxBackend:
     def destroy_network(self, net: LinuxNetwork) -> None:
         """Remove in reverse order of creation; every step runs, errors are collected."""
         self._networks.pop(net.config.name, None)
+        if self._watcher is not None:
+            self._watcher.unwatch(net)
         errors = []
         for step in (
             lambda: self._stop_dnsmasq(net),
             lambda: self._apply_firewall(list(self._networks.values())),
-            lambda: network.delete_link_quietly(net.bridge),
+            # By ifindex: gone already if deleted behind our back, and then
+            # its name may be another link's.
+            lambda: network.delete_link_quietly(net.bridge_index or net.bridge),
         ):
             try:
                 step()
@@ -185,18 +207,41 @@ class LinuxBackend:
             raise errors[0]
 
     def create_interface(self, net: LinuxNetwork, request: Attach) -> network.Interface:
+        if request.persist and request.owner_uid is None:
+            raise CreateError("a persistent TAP needs the requesting peer's uid, and the broker did not pass it on")
+        if self._watcher is not None:
+            self._watcher.poll()  # the kernel's state as of this request
+        if net.problems.bridge_gone:
+            raise CreateError(
+                f"network {net.config.name!r} is degraded: {net.degraded}; it takes no interfaces until every "
+                "client has released it and it is created again"
+            )
+        with self._persistent_lock:
+            reserved = frozenset(self._persistent)
         try:
-            return network.create_interface(net.bridge, net.config.name, net.config.mtu, request)
+            iface = network.create_interface(
+                net.bridge_index or net.bridge, net.config.name, net.config.mtu, request, reserved
+            )
         except OSError as e:
             raise CreateError(f"cannot create {request.kind} interface on {net.config.name!r}: {e}") from e
+        if iface.persist:
+            with self._persistent_lock:
+                self._persistent.add(iface.name)
+        return iface
 
     def destroy_interfaces(self, ifaces: list[network.Interface]) -> None:
-        network.destroy_interfaces(ifaces, next(self._groups))
+        try:
+            network.destroy_interfaces(ifaces, next(self._groups))
+        finally:
+            with self._persistent_lock:
+                self._persistent.difference_update(iface.name for iface in ifaces)
 
     def close(self) -> None:
         for net in list(self._networks.values()):
             self.destroy_network(net)
         firewall.delete_table()
+        if self._watcher is not None:
+            self._watcher.close()
 
     # -- firewall -------------------------------------------------------------------
 
@@ -231,28 +276,45 @@ class LinuxBackend:
             server.stop()
             raise CreateError(f"dnsmasq for {net.config.name!r}: cannot watch it: {e}") from e
         net.dnsmasq = server
+        net.restarts.running()
         log.info("network %r: dnsmasq pid %s", net.config.name, server.pid)
 
     def _stop_dnsmasq(self, net: LinuxNetwork) -> None:
+        net.restarts.stop()
         server, net.dnsmasq = net.dnsmasq, None
         if server is not None:
             server.stop()
 
     def _dnsmasq_exited(self, net: LinuxNetwork, server: dnsmasq.Dnsmasq) -> None:
+        """dnsmasq died: started again after a backoff, forever while the network lives (restart.py)."""
         if net.dnsmasq is not server or self._networks.get(net.config.name) is not net:
             return  # stopped on purpose
-        now = time.monotonic()
-        if len(net.restarts) == MAX_RESTARTS and now - net.restarts[0] < RESTART_WINDOW:
-            log.error("network %r: dnsmasq keeps dying; not restarting it again", net.config.name)
-            net.dnsmasq = None
-            return
-        net.restarts.append(now)
-        log.warning("network %r: dnsmasq (pid %s) died, restarting it", net.config.name, server.pid)
         net.dnsmasq = None
+        assert self._loop is not None  # only a watched dnsmasq gets here
+        why = restart.describe_exit(server.returncode)
+        net.restarts.died(self._loop, why, lambda: self._restart_dnsmasq(net), pid=server.pid)
+
+    def _restart_dnsmasq(self, net: LinuxNetwork) -> None:
+        if self._networks.get(net.config.name) is not net or net.dnsmasq is not None or net.problems.bridge_gone:
+            return  # removed, or stopped on purpose, since
         try:
             self._start_dnsmasq(net)
         except CreateError as e:
-            log.error("network %r: %s", net.config.name, e)
+            assert self._loop is not None
+            net.restarts.died(self._loop, f"restart failed: {e}", lambda: self._restart_dnsmasq(net))
+
+    # -- behind the broker's back ---------------------------------------------------
+
+    def _bridge_gone(self, net: LinuxNetwork) -> None:
+        """The watcher saw the bridge deleted: stop what served it.
+
+        A dnsmasq bound by name (``interface=``, ``bind-dynamic``) would
+        take up the next link of that name; the firewall rules stay until
+        the network is removed (they name a bridge no broker network has).
+        """
+        if net.dnsmasq is not None or net.restarts.pending:
+            log.warning("network %r: stopping its dnsmasq, its bridge is gone", net.config.name)
+            self._stop_dnsmasq(net)
 
     # -- addresses --------------------------------------------------------------------
 
@@ -278,9 +340,14 @@ class LinuxBackend:
                 if subnets.conflict(config.subnet, [net]):
                     raise CreateError(f"subnet {config.subnet} of {config.name!r} overlaps {why}")
             return config.subnet
-        chosen = subnets.choose((net for net, _ in taken), self._remembered.subnet(config.name))
+        remembered = self._remembered.subnet(config.name)
+        chosen = subnets.choose((net for net, _ in taken), remembered)
         if chosen is None:
             raise CreateError(f"no free /24 left in {subnets.POOL_FIRST} - {subnets.POOL_LAST}")
+        if remembered is not None and chosen != remembered:
+            why = next((why for net, why in taken if subnets.conflict(remembered, [net])), "something")
+            log.warning("network %r: remembered subnet %s now overlaps %s; chose %s",
+                        config.name, remembered, why, chosen)  # fmt: skip
         return chosen
 
     def _pick_ipv6_prefix(self, config: NetworkConfig) -> ipaddress.IPv6Network | None:

@@ -8,7 +8,15 @@ crashed leaves something the next one can find and kill.
 Files for network NAME, all in the state directory:
 ``dnsmasq-NAME.conf`` and ``.pid`` (removed by ``stop``), ``.leases`` (kept, so
 restarting a network keeps its guests' addresses) and ``.log`` (dnsmasq's
-stderr, truncated at each start).
+stderr, made afresh at each start).  None is ever opened through a symlink:
+the config and log are created with ``O_EXCL|O_NOFOLLOW`` in a directory fd,
+and what dnsmasq itself opens as root (leases) is checked to be a plain
+regular file first (files.py).
+
+The config text is generated from parsed values only, and ``config_text``
+checks every value and every line against an explicit character set before
+anything is written: a value that could carry a second option (a newline)
+never reaches dnsmasq, whatever let it through before.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,19 +33,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ...config import DEFAULT_LEASE_TIME, DEFAULT_MTU, Reservation
-from .state import write_atomically
+from ... import files
+from ...config import DEFAULT_LEASE_TIME, DEFAULT_MTU, MAX_MTU, MIN_MTU, Reservation
+from ...config import valid_domain, valid_hostname, valid_ifname, valid_name
 
 IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 PREFIX = "dnsmasq-"
 START_TIMEOUT = 5.0
+READY_POLL = 0.01  # how often start and stop look whether dnsmasq is there (or gone)
 STOP_TIMEOUT = 3.0
 RESOLV_CONF = "/etc/resolv.conf"
 # dnsmasq drops root after opening its sockets, lease and pid files; it keeps
 # the capabilities it needs.  Named here because the compiled-in default
 # differs between distributions (Debian: "dnsmasq", which may not exist).
 USER = "nobody"
+LOG_TAIL = 2000  # bytes of dnsmasq's stderr quoted in an error
+# Characters of a state-directory path that dnsmasq's config parser takes
+# literally (no whitespace, quotes, '#', backslash or ',').
+_PATH = re.compile(r"/[A-Za-z0-9._/+@~-]*")
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+# Every line but the first (a comment): an option, '=' and a value of these.
+_OPTION_LINE = re.compile(r"[a-z][a-z0-9-]*(=[A-Za-z0-9._,:/=\[\]@+~-]*)?")
 
 
 class DnsmasqError(Exception):
@@ -77,7 +95,12 @@ def default_range(subnet: ipaddress.IPv4Network) -> tuple[ipaddress.IPv4Address,
 
 
 def config_text(spec: DnsmasqSpec, state_dir: Path) -> str:
-    """The dnsmasq configuration for one network (pure)."""
+    """The dnsmasq configuration for one network (pure).
+
+    Raises ``DnsmasqError`` for a value outside its character set, and for
+    any line that is not one option: defence in depth behind config.py.
+    """
+    _check_spec(spec, state_dir)
     files = paths(state_dir, spec.name)
     v6 = spec.ipv6_gateway
     lines = [
@@ -117,7 +140,15 @@ def config_text(spec: DnsmasqSpec, state_dir: Path) -> str:
             f"dhcp-range={first},{last},{spec.subnet.netmask},{spec.lease_time}",
             f"dhcp-lease-max={int(last) - int(first) + 1 + len(spec.reservations)}",
             f"dhcp-leasefile={files['leases']}",
+            # The only DHCP server on a bridge the broker owns: answer
+            # unknown clients at once (a lost lease file costs no timeouts),
+            # commit in two messages for a client that asks (RFC 4039), and
+            # skip the ~3 s ping before each offer, which serialised DHCP
+            # (4 guests booting together waited 12 s).  A guest with a static
+            # address belongs outside dhcp_range or in reservations.
             "dhcp-authoritative",
+            "dhcp-rapid-commit",
+            "no-ping",
         ]
         lines += [_dhcp_host(r) for r in spec.reservations]
         if spec.mode == "shared":
@@ -144,7 +175,45 @@ def config_text(spec: DnsmasqSpec, state_dir: Path) -> str:
             lines.append(f"dhcp-option=option6:dns-server,[{v6}]")
         if spec.mode == "host":
             lines.append(f"ra-param={spec.bridge},0,0")  # router lifetime 0: a prefix, no default route
+    for line in lines[1:]:
+        if not _OPTION_LINE.fullmatch(line):
+            raise DnsmasqError(f"dnsmasq config for {spec.name!r}: refusing line {line!r}")
     return "\n".join(lines) + "\n"
+
+
+def usable_state_dir(state_dir: str | Path) -> bool:
+    """Whether dnsmasq's config can name files in ``state_dir`` (checked at start-up too)."""
+    return _PATH.fullmatch(str(Path(state_dir).absolute())) is not None
+
+
+def _check_spec(spec: DnsmasqSpec, state_dir: Path) -> None:
+    """Each value whole, against what it may be; parsed addresses without scope ids."""
+    problems = []
+    if not valid_name(spec.name):
+        problems.append(f"network name {spec.name!r}")
+    if not valid_ifname(spec.bridge):
+        problems.append(f"bridge {spec.bridge!r}")
+    if not usable_state_dir(state_dir):
+        problems.append(f"state directory {str(state_dir)!r} (letters, digits and ._/+@~- only)")
+    if spec.dns and not valid_domain(spec.domain):
+        problems.append(f"domain {spec.domain!r}")
+    if not (isinstance(spec.lease_time, int) and isinstance(spec.mtu, int) and MIN_MTU <= spec.mtu <= MAX_MTU):
+        problems.append(f"lease time {spec.lease_time!r} or mtu {spec.mtu!r}")
+    addresses: list[object] = [spec.gateway, *spec.dns_servers, *(spec.dhcp_range or ())]
+    for r in spec.reservations:
+        addresses.append(r.ip)
+        if not (isinstance(r.mac, str) and _MAC.fullmatch(r.mac)):
+            problems.append(f"MAC {r.mac!r}")
+        if r.hostname is not None and not valid_hostname(r.hostname):
+            problems.append(f"hostname {r.hostname!r}")
+    for address in addresses:
+        if not isinstance(address, ipaddress.IPv4Address | ipaddress.IPv6Address) or getattr(address, "scope_id", None):
+            problems.append(f"address {str(address)!r}")
+    for network in (spec.subnet, spec.ipv6_prefix):
+        if network is not None and getattr(network.network_address, "scope_id", None):
+            problems.append(f"network {str(network)!r}")
+    if problems:
+        raise DnsmasqError(f"dnsmasq config for {spec.name!r}: refusing {'; '.join(problems)}")
 
 
 def _dhcp_host(r: Reservation) -> str:
@@ -165,36 +234,85 @@ class Dnsmasq:
     def pid(self) -> int | None:
         return None if self._proc is None else self._proc.pid
 
+    @property
+    def returncode(self) -> int | None:
+        """How the last dnsmasq ended (``Popen.returncode``: -9 for SIGKILL); None while it runs."""
+        return None if self._proc is None else self._proc.returncode
+
     def start(self) -> None:
-        """Start dnsmasq and return once it serves (its pid file is written after it bound its sockets)."""
+        """Start dnsmasq and return once it serves (its pid file is written after it bound its sockets).
+
+        Blocks up to START_TIMEOUT: for start-up and tests; the broker,
+        serving, uses ``start_async``.
+        """
         if self.alive():
             return
-        self.paths["conf"].parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(self.paths["conf"], config_text(self.spec, self.paths["conf"].parent))
-        self.paths["pid"].unlink(missing_ok=True)
-        binary = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
-        with open(self.paths["log"], "wb") as log:
-            try:
-                # Own session: a Ctrl-C at the broker's terminal is the
-                # broker's to handle; it stops dnsmasq in its cleanup.
-                self._proc = subprocess.Popen(
-                    [binary, f"--conf-file={self.paths['conf']}"],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                )  # fmt: skip
-            except OSError as e:
-                raise DnsmasqError(f"dnsmasq for {self.spec.name!r}: cannot run {binary}: {e}") from e
+        self._spawn()
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                code = self._proc.returncode
-                self._cleanup_files()
-                self._proc = None
-                raise DnsmasqError(f"dnsmasq for {self.spec.name!r} exited with {code}: {self._log_tail()}")
-            if _read_pid(self.paths["pid"]) == self._proc.pid:
+            if self._ready():
                 return
-            time.sleep(0.01)
+            time.sleep(READY_POLL)
         self.stop()
-        raise DnsmasqError(f"dnsmasq for {self.spec.name!r} not ready after {START_TIMEOUT} s: {self._log_tail()}")
+        raise self._not_ready()
+
+    async def start_async(self) -> None:
+        """``start`` without blocking the event loop: the same steps, waiting with ``asyncio.sleep``.
+
+        A dnsmasq that is not ready within START_TIMEOUT is stopped (and so
+        is one whose caller is cancelled).
+        """
+        if self.alive():
+            return
+        self._spawn()
+        try:
+            deadline = time.monotonic() + START_TIMEOUT
+            while time.monotonic() < deadline:
+                if self._ready():
+                    return
+                await asyncio.sleep(READY_POLL)
+        except BaseException:
+            await self.stop_async()
+            raise
+        await self.stop_async()
+        raise self._not_ready()
+
+    def _spawn(self) -> None:
+        """Write the config, start dnsmasq (fast: files and a fork)."""
+        state_dir = self.paths["conf"].parent
+        text = config_text(self.spec, state_dir)
+        files.secure_directory(state_dir, "state")
+        binary = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
+        with files.open_directory(state_dir) as dir_fd:
+            files.write_atomically(dir_fd, self.paths["conf"].name, text.encode())
+            files.unlink(dir_fd, self.paths["pid"].name)
+            # dnsmasq opens the lease file as root, following symlinks.
+            files.keep_regular(dir_fd, self.paths["leases"].name)
+            log = files.create_fresh(dir_fd, self.paths["log"].name)
+        try:
+            # Own session: a Ctrl-C at the broker's terminal is the
+            # broker's to handle; it stops dnsmasq in its cleanup.
+            self._proc = subprocess.Popen(
+                [binary, f"--conf-file={self.paths['conf']}"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+            )  # fmt: skip
+        except OSError as e:
+            raise DnsmasqError(f"dnsmasq for {self.spec.name!r}: cannot run {binary}: {e}") from e
+        finally:
+            os.close(log)
+
+    def _ready(self) -> bool:
+        """True once it serves; raises DnsmasqError if it exited."""
+        assert self._proc is not None
+        if self._proc.poll() is not None:
+            code = self._proc.returncode
+            self._cleanup_files()
+            self._proc = None
+            raise DnsmasqError(f"dnsmasq for {self.spec.name!r} exited with {code}: {self._log_tail()}")
+        return _read_pid(self.paths["pid"]) == self._proc.pid
+
+    def _not_ready(self) -> DnsmasqError:
+        return DnsmasqError(f"dnsmasq for {self.spec.name!r} not ready after {START_TIMEOUT} s: {self._log_tail()}")
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL; removes config and pid file, keeps the leases."""
@@ -207,6 +325,21 @@ class Dnsmasq:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        self._cleanup_files()
+
+    async def stop_async(self) -> None:
+        """``stop`` without blocking the event loop (a dnsmasq that ignores SIGTERM took 3 s)."""
+        self._unwatch()
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            deadline = time.monotonic() + STOP_TIMEOUT
+            while proc.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(READY_POLL)
+            if proc.poll() is None:
+                proc.kill()
+                while proc.poll() is None:  # SIGKILL: reaped in a moment
+                    await asyncio.sleep(READY_POLL)
         self._cleanup_files()
 
     def alive(self) -> bool:
@@ -241,12 +374,12 @@ class Dnsmasq:
         for kind in ("pid", "conf"):
             self.paths[kind].unlink(missing_ok=True)
 
-    def _log_tail(self, limit: int = 2000) -> str:
+    def _log_tail(self, limit: int = LOG_TAIL) -> str:
         try:
-            text = self.paths["log"].read_text(errors="replace").strip()
+            text = files.read_tail(self.paths["log"], limit).decode(errors="replace").strip()
         except OSError:
             return "(no log)"
-        return text[-limit:] or "(nothing on stderr)"
+        return text or "(nothing on stderr)"
 
 
 def kill_leftovers(state_dir: Path) -> list[int]:
@@ -299,9 +432,11 @@ def process_running(pid: int) -> bool:
 
 
 def _read_pid(path: Path) -> int | None:
+    """The pid in a pid file: a regular file (never a symlink or FIFO) of a few bytes."""
     try:
-        return int(path.read_text().strip())
+        pid = int(files.read_regular(path, 32).strip())
     except (OSError, ValueError):
         return None
+    return pid if pid > 0 else None
 
 

@@ -24,18 +24,26 @@ nothing to do with our bridges is left alone):
   because routing a loopback source out of the bridge needs ``route_localnet``,
   which would also let guests reach the host's 127.0.0.1 services
   (CVE-2020-8558).
+
+The batch is JSON, so no value can start a second command; still, every
+value is checked before it goes in (names and interface names whole, against
+explicit character sets, addresses and networks parsed and unscoped, ports
+and protocols from their sets), and every string of the finished batch
+against one set: an interface name such as ``eth*`` (an nftables wildcard) or
+one with a newline never reaches ``nft``.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from ...config import PortForward
+from ...config import MODES, PROTOS, PortForward, valid_ifname, valid_name
 from . import names
 
 FAMILY = "inet"
@@ -45,6 +53,9 @@ PRIO_FILTER = 0
 PRIO_DSTNAT = -100
 PRIO_SRCNAT = 100
 NFT_TIMEOUT = 30
+# Every string in a batch: names, interface names, addresses, keywords and
+# operators and our comments ("shared: tcp/8080", "guests of one network (br_netfilter)").
+_BATCH_STRING = re.compile(r"[A-Za-z0-9 _.:/@()!=-]*")
 
 
 @dataclass(frozen=True)
@@ -102,6 +113,8 @@ def ruleset(networks: Sequence[FirewallNetwork]) -> dict[str, Any]:
     ]
     if not networks:
         return {"nftables": commands}
+    for net in networks:
+        _check_values(net)
     _check_port_forwards(networks)
     bridges = sorted(n.bridge for n in networks)
     commands += [
@@ -118,7 +131,48 @@ def ruleset(networks: Sequence[FirewallNetwork]) -> dict[str, Any]:
     ]
     commands += _forward_rules(networks)
     commands += _nat_rules(networks)
-    return {"nftables": commands}
+    batch = {"nftables": commands}
+    _check_strings(batch)
+    return batch
+
+
+def _check_values(net: FirewallNetwork) -> None:
+    """Raise ValueError for any value of ``net`` outside what it may be."""
+    problems = []
+    if not valid_name(net.name):
+        problems.append(f"network name {net.name!r}")
+    if net.mode not in MODES:
+        problems.append(f"mode {net.mode!r}")
+    for ifname in (net.bridge, net.external_interface):
+        if ifname is not None and not valid_ifname(ifname):
+            problems.append(f"interface name {ifname!r}")
+    if not isinstance(net.subnet, ipaddress.IPv4Network):
+        problems.append(f"subnet {net.subnet!r}")
+    if net.ipv6_prefix is not None and (
+        not isinstance(net.ipv6_prefix, ipaddress.IPv6Network) or net.ipv6_prefix.network_address.scope_id
+    ):
+        problems.append(f"IPv6 prefix {str(net.ipv6_prefix)!r}")
+    for pf in net.port_forwards:
+        ports_ok = all(isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= 65535
+                       for p in (pf.host_port, pf.guest_port))  # fmt: skip
+        if pf.proto not in PROTOS or not ports_ok or not isinstance(pf.guest_ip, ipaddress.IPv4Address):
+            problems.append(f"port forward {pf!r}")
+    if problems:
+        raise ValueError(f"nftables rules for {net.name!r}: refusing {'; '.join(problems)}")
+
+
+def _check_strings(value: Any) -> None:
+    """Every string anywhere in the batch, whole, against _BATCH_STRING."""
+    if isinstance(value, str):
+        if not _BATCH_STRING.fullmatch(value):
+            raise ValueError(f"nftables batch: refusing the string {value!r}")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_strings(key)
+            _check_strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_strings(item)
 
 
 def _forward_rules(networks: Sequence[FirewallNetwork]) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ PREFIX = "vmb-"
 BRIDGE = PREFIX + "br"  # vmb-br0, vmb-br1, ...
 TAP_TEMPLATE = PREFIX + "t%d"  # a VM's TAP, fd handed to the client
 DGRAM_TEMPLATE = PREFIX + "d%d"  # the broker's TAP behind a dgram attachment
+PERSIST = PREFIX + "p"  # vmb-p0, ...: a persistent TAP a VMM opens by name
 NFT_TABLE = "vmnet_broker"
 # Link groups used to delete many TAPs in one batch ("vmb" + a counter).
 LINK_GROUP_BASE = 0x766D6200
@@ -25,10 +26,15 @@ def is_ours(ifname: str) -> bool:
 
 def free_bridge_name(existing: set[str]) -> str:
     """The lowest ``vmb-brN`` not in ``existing``."""
+    return free_name(BRIDGE, existing)
+
+
+def free_name(base: str, existing: set[str]) -> str:
+    """The lowest ``<base>N`` not in ``existing``."""
     n = 0
-    while f"{BRIDGE}{n}" in existing:
+    while f"{base}{n}" in existing:
         n += 1
-    return f"{BRIDGE}{n}"
+    return f"{base}{n}"
 
 
 def random_mac() -> str:
