@@ -84,3 +84,29 @@ def test_a_running_broker_is_asked_not_blamed(tmp_path):
     assert result.returncode == 0, result.stdout
     assert "answers at" in result.stdout and "1 network(s)" in result.stdout
     assert "leftover" not in result.stdout.replace("no links", "")
+
+
+def test_a_crashed_brokers_leftovers_are_reported_then_cleaned_by_the_next_start(tmp_path):
+    require_services()
+    broker = BrokerProcess(tmp_path / "b")
+    try:
+        broker.start()
+        with Client(broker.socket_path) as client:
+            client.acquire_network("shared")
+            broker.process.kill()  # a crash: its dnsmasq, bridge and nft table stay
+            broker.process.wait(10)
+        result = broker.namespace.run(
+            sys.executable, "-m", "vmnet_broker", "doctor", "--socket", broker.socket_path,
+            "--state-dir", broker.state_dir, "--config-dir", str(tmp_path / "none"), check=False,
+        )  # fmt: skip
+        assert result.returncode == 1, result.stdout
+        for what in ("dnsmasq pid", "link vmb-br0", "nftables table inet vmnet_broker", "no broker answers"):
+            assert what in result.stdout, (what, result.stdout)
+        broker.start()  # the next start removes them (and takes the namespace lock back)
+        result = broker.namespace.run(
+            sys.executable, "-m", "vmnet_broker", "doctor", "--socket", broker.socket_path,
+            "--state-dir", broker.state_dir, "--config-dir", str(tmp_path / "none"), check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout
+    finally:
+        broker.close()

@@ -162,11 +162,10 @@ def _leftovers(state_dir: Path) -> Iterator[Finding]:
         yield problem("leftover", f"nftables table inet {names.NFT_TABLE} (the next broker start removes it)")
     pids = []
     if state_dir.is_dir():
-        for pid_file in sorted(state_dir.glob(f"{names.PREFIX}*.pid")):
-            pid = dnsmasq._read_pid(pid_file)
-            if pid is not None and dnsmasq.process_running(pid) and dnsmasq._is_our_dnsmasq(pid, pid_file.with_suffix(".conf").absolute()):
+        for pid_file, pid in dnsmasq.leftovers(state_dir):
+            if pid is not None:
                 pids.append(pid)
-                yield problem("leftover", f"dnsmasq pid {pid} from {pid_file}")
+                yield problem("leftover", f"dnsmasq pid {pid} from {pid_file} (the next broker start stops it)")
     if not links and not pids and (table is None or table.returncode != 0):
         yield ok("leftover", "no links, nftables table or dnsmasq left by a broker")
 

@@ -16,6 +16,9 @@ hangs), or a link to ``/dev/zero`` (a read that never ends).  So:
   removed (never followed) and logged.
 - ``read_regular`` and ``read_tail`` read only regular files (``lstat``, then
   ``O_NOFOLLOW|O_NONBLOCK`` and ``fstat``), up to a size limit.
+
+Reading works anywhere (config.py uses it on macOS too); the rest names
+directories through ``/proc/self/fd`` and is for the Linux backend.
 """
 
 from __future__ import annotations

@@ -382,24 +382,33 @@ class Dnsmasq:
         return text or "(nothing on stderr)"
 
 
-def kill_leftovers(state_dir: Path) -> list[int]:
-    """Kill the dnsmasq processes an earlier broker left; returns their pids.
+def leftovers(state_dir: Path) -> list[tuple[Path, int | None]]:
+    """Every pid file in ``state_dir`` and the live dnsmasq of ours it names, if any.
 
     A pid file counts only while its process is a dnsmasq started with that
-    network's config file, so a recycled pid is never killed.
+    network's config file, so a recycled pid is never taken for ours.
     """
-    killed = []
+    found: list[tuple[Path, int | None]] = []
     for pid_file in sorted(Path(state_dir).glob(f"{PREFIX}*.pid")):
         pid = _read_pid(pid_file)
         conf = pid_file.with_suffix(".conf").absolute()
-        if pid is not None and process_running(pid) and _is_our_dnsmasq(pid, conf):
+        ours = pid is not None and process_running(pid) and _is_our_dnsmasq(pid, conf)
+        found.append((pid_file, pid if ours else None))
+    return found
+
+
+def kill_leftovers(state_dir: Path) -> list[int]:
+    """Kill the dnsmasq processes an earlier broker left; returns their pids."""
+    killed = []
+    for pid_file, pid in leftovers(state_dir):
+        if pid is not None:
             try:
                 os.kill(pid, signal.SIGTERM)
                 killed.append(pid)
             except ProcessLookupError:
                 pass
         pid_file.unlink(missing_ok=True)
-        conf.unlink(missing_ok=True)
+        pid_file.with_suffix(".conf").absolute().unlink(missing_ok=True)
     deadline = time.monotonic() + STOP_TIMEOUT
     while any(process_running(pid) for pid in killed) and time.monotonic() < deadline:
         time.sleep(0.02)
