@@ -62,7 +62,8 @@ def percentile(samples: list[float], q: float) -> float:
 def report(name: str, samples: list[float], baseline: float) -> None:
     med = statistics.median(samples)
     print(f"{name:<26} median {med * 1000:8.2f} ms   p90 {percentile(samples, 0.9) * 1000:8.2f} ms   "
-          f"p99 {percentile(samples, 0.99) * 1000:8.2f} ms   x{med / baseline:8.1f} baseline   (n={len(samples)})")  # fmt: skip
+          f"p99 {percentile(samples, 0.99) * 1000:8.2f} ms   "
+          f"x{med / baseline:8.1f} baseline   (n={len(samples)})")  # fmt: skip
 
 
 def status_while(path: str, busy: Callable[[threading.Event], None], seconds: float) -> list[float]:

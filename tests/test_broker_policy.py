@@ -199,11 +199,11 @@ def test_not_allowed_user_gets_3_and_nothing_is_created(setup):
 
 
 def test_shutdown_removes_everything(setup):
-    broker, backend, _ = setup
+    broker, backend, loop = setup
     peer = broker.connect(1, 0, 0)
     call(broker, peer, command="attach", network_name="shared")
     call(broker, peer, command="acquire", network_name="host")
-    broker.shutdown()
+    loop.run_until_complete(broker.shutdown())
     assert {("destroy", "shared"), ("destroy", "host"), ("detach", "if1")} <= set(backend.log)
     assert backend.log[-1] == ("close",)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import pytest
 
@@ -110,3 +111,22 @@ def test_a_crashed_brokers_leftovers_are_reported_then_cleaned_by_the_next_start
         assert result.returncode == 0, result.stdout
     finally:
         broker.close()
+
+
+def test_a_degraded_network_of_the_running_broker_is_reported(tmp_path):
+    """The broker marks a network degraded (here: its gateway flushed behind its back); doctor says so."""
+    require_services()
+    with BrokerProcess(tmp_path / "b") as broker:
+        with Client(broker.socket_path) as client:
+            net = client.acquire_network("shared")
+            broker.namespace.ip("-4", "addr", "flush", "dev", net.bridge)
+            reason = f"gateway {net.gateway}/24 was removed from bridge {net.bridge}"
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and not (client.status().networks[0].raw.get("degraded") or ""):
+                time.sleep(0.02)
+            result = broker.namespace.run(
+                sys.executable, "-m", "vmnet_broker", "doctor", "--socket", broker.socket_path,
+                "--state-dir", broker.state_dir, "--config-dir", str(tmp_path / "none"), check=False,
+            )  # fmt: skip
+    assert result.returncode == 1, result.stdout
+    assert f"problem  network   'shared' is degraded: {reason}" in result.stdout, result.stdout

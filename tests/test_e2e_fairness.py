@@ -51,7 +51,8 @@ def status_latencies(path: str, seconds: float, stop: threading.Event | None = N
 
 def report(what: str, samples: list[float]) -> str:
     line = (f"{what}: status p50 {statistics.median(samples) * 1000:.2f} ms, "
-            f"p99 {percentile(samples, 0.99) * 1000:.2f} ms, max {max(samples) * 1000:.2f} ms (n={len(samples)})")  # fmt: skip
+            f"p99 {percentile(samples, 0.99) * 1000:.2f} ms, "
+            f"max {max(samples) * 1000:.2f} ms (n={len(samples)})")  # fmt: skip
     print(line)
     return line
 

@@ -52,7 +52,10 @@ def send_fds(sock: socket.socket, data: bytes, fds: list[int]) -> None:
 
 @pytest.mark.parametrize(
     ("mtu", "vnet_hdr", "expected"),
-    [(1500, False, 1522), (9000, False, 9022), (1500, True, 65792), (0, False, 65792), (70000, False, 65792), (1, False, 64)],
+    [
+        (1500, False, 1522), (9000, False, 9022), (1500, True, 65792),
+        (0, False, 65792), (70000, False, 65792), (1, False, 64),
+    ],  # fmt: skip
 )
 def test_pump_frame_size_comes_from_mtu_and_vnet_hdr(mtu, vnet_hdr, expected):
     assert _native.pump_frame_size(mtu, vnet_hdr) == expected

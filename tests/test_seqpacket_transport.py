@@ -125,7 +125,8 @@ def test_a_reply_the_kernel_refuses_with_emsgsize_is_code_7_not_a_dead_peer():
         client = seqpacket._Client(server, Conn(), peer)
         server.clients.add(client)
         client.outbox.append(broker.request(peer, json.dumps({"command": "attach", "network_name": "shared"}).encode()))
-        client.outbox.append(broker.request(peer, json.dumps({"command": "acquire", "network_name": "x" * 2000}).encode()))
+        huge = json.dumps({"command": "acquire", "network_name": "x" * 2000}).encode()
+        client.outbox.append(broker.request(peer, huge))
         client._flush()
         assert not client.closed and peer in broker._peers and len(peer.interfaces) == 1
         assert "interface" in json.loads(sent[0])

@@ -283,14 +283,18 @@ else:
     def set_link_up(name: str, up: bool = True) -> None: ...
     def add_address(name: str, address: str, prefix_len: int) -> None:
         """Add an IPv4 or IPv6 address (family from the text); EEXIST is an error."""
-    def set_master(name: str, master: str) -> None:
-        """Enslave ``name`` to bridge ``master`` ("" releases it)."""
+    def set_master(name: str, master: str | int) -> None:
+        """Enslave ``name`` to bridge ``master``: a name ("" releases it), or
+        an ifindex (0 releases it), which names the bridge the broker made
+        even if another link has taken its name since."""
     def set_mtu(name: str, mtu: int) -> None: ...
     def set_mac(name: str, mac: str) -> None: ...
-    def delete_link(name: str) -> None:
-        """Delete a link; ``FileNotFoundError`` (ENODEV) if it does not exist."""
-    def set_group(name: str, group: int) -> None:
-        """Put a link in a link group (``IFLA_GROUP``)."""
+    def delete_link(link: str | int) -> None:
+        """Delete a link by name or ifindex; ``FileNotFoundError`` (ENODEV) if it does not exist."""
+    def get_link(index: int) -> Link:
+        """The link of ifindex ``index``; ``FileNotFoundError`` (ENODEV) if it is gone."""
+    def set_group(link: str | int, group: int) -> None:
+        """Put a link (name or ifindex) in a link group (``IFLA_GROUP``)."""
     def delete_group(group: int) -> None:
         """Delete every link of ``group`` in one request (one unregistration
         batch: ~1 ms a TAP instead of ~20); ``FileNotFoundError`` if none."""
@@ -301,6 +305,24 @@ else:
         (``AF_INET`` or ``AF_INET6``), local and policy tables included."""
     def list_addresses(family: int) -> list[tuple[str, int, str]]:
         """``(address, prefix_len, ifname)`` of every address of ``family``."""
+
+    class Monitor:
+        """A netlink socket subscribed to link, IPv4/IPv6 address and IPv4/IPv6
+        route changes in this network namespace (non-blocking, close-on-exec).
+        Wait for ``fileno()`` to be readable, then ``drain()``."""
+
+        def __init__(self, receive_buffer: int = 4 * 1024 * 1024) -> None: ...
+        def fileno(self) -> int: ...
+        @property
+        def closed(self) -> bool: ...
+        def drain(self, max_events: int = 4096) -> list[tuple[str, int, str, int, str, int, int, bool]]:
+            """Queued events, oldest first, never blocking: ``(kind, index, name,
+            family, address, prefix_len, table, up)``.  ``kind``: ``newlink``/
+            ``dellink`` (index, name, up), ``newaddr``/``deladdr`` (index,
+            family, address, prefix_len), ``newroute``/``delroute`` (family,
+            destination address, prefix_len, table, output link index or 0), or
+            ``overrun``: events were lost, read the state afresh."""
+        def close(self) -> None: ...
 
     # -- TAP devices ---------------------------------------------------------------
 

@@ -13,6 +13,35 @@ interface leaves the registry at once, and a worker thread deletes it
 only interfaces the registry has already forgotten, so the registry still
 has one thread.  A ``detach`` or ``release`` reply is held back until its
 links are gone, so a client that sees the reply sees them gone too.
+
+Nor does anything here wait for an external program.  Creating a network on
+Linux runs ``nft`` and starts a dnsmasq, which once took the loop for up to
+their timeouts (29 s with a hanging ``nft``) while every client waited.  A
+backend may now return an awaitable from ``create_network``,
+``destroy_network`` or an interface's ``ready``; the broker then goes on
+serving, and the request that waits is finished by a task on the same loop:
+
+- A request that must wait (an ``acquire`` or ``attach`` of a network being
+  created) gets a ``Reply`` at once whose ``ready`` future is set when its
+  body is final.  The transport already sends replies in request order and
+  holds back any that is not ready, so the order per connection holds.
+- A connection is served one request at a time: what it sends after a
+  request that waits is queued on its ``Peer`` and handled when that request
+  is done, exactly as if the connection had waited.  Other connections are
+  served meanwhile.
+- One network is created once: a second ``acquire`` of a network being
+  created waits for the same creation (``_creating``), and a network being
+  removed is created again only after its removal (``_removing``).
+- An attach reply leaves once the backend says the interface may be used
+  (Linux: the bridge filter guards its port); if it cannot be, the
+  interface goes and the reply says why.
+- The registry is still only touched by code on the loop, between awaits:
+  after each await a task looks again at what it needs (is the client still
+  connected, is the network still there, does the attach still fit the
+  limits) before it changes anything.
+
+A sync backend (the macOS one, the tests' fakes) takes none of these paths:
+its replies are final when ``request`` returns.
 """
 
 from __future__ import annotations
@@ -21,11 +50,12 @@ import asyncio
 import collections
 import concurrent.futures
 import dataclasses
+import inspect
 import logging
 import os
 import time
 from dataclasses import dataclass, field
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from . import protocol
@@ -70,6 +100,10 @@ class Peer:
     groups: frozenset[int] = frozenset()
     networks: set[str] = field(default_factory=set)
     interfaces: dict[str, InterfaceHandle] = field(default_factory=dict)
+    # A request of this connection is still being handled (it waits for a
+    # network being created): the ones it sends meanwhile wait here, in order.
+    busy: bool = False
+    waiting: collections.deque[tuple[Request, Reply]] = field(default_factory=collections.deque)
 
     def __str__(self) -> str:
         return f"peer {self.pid}"
@@ -102,8 +136,11 @@ class Reply:
     body: dict[str, Any]
     fds: list[int] = field(default_factory=list)
     # Not to be sent before this is done (a detach waits for its links to
-    # be gone); the body is final already.
+    # be gone; a request that waits for a network being created has its body
+    # and fds filled in first).
     ready: asyncio.Future[None] | None = None
+    # sent() was called: fds that arrive later are closed at once.
+    finished: bool = False
 
     @property
     def data(self) -> bytes:
@@ -112,9 +149,16 @@ class Reply:
 
     def sent(self) -> None:
         """The packet left (or never will): close the reply's fds."""
+        self.finished = True
         fds, self.fds = self.fds, []
         for fd in fds:
             os.close(fd)
+
+    def take(self, other: Reply) -> None:
+        """Say what ``other`` says (body and fds), now that it is final."""
+        self.body, self.fds, other.fds = other.body, other.fds, []
+        if self.finished:  # its connection closed while it waited
+            self.sent()
 
 
 def _dup_all(fds: list[int]) -> list[int]:
@@ -128,6 +172,9 @@ def _dup_all(fds: list[int]) -> list[int]:
             os.close(fd)
         raise
     return dups
+
+
+_Batch = list[tuple[list[InterfaceHandle], "asyncio.Future[None]"]]
 
 
 class _Reaper:
@@ -145,7 +192,7 @@ class _Reaper:
         self._backend = backend
         self._loop = loop
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._waiting: list[tuple[list[InterfaceHandle], asyncio.Future[None]]] = []
+        self._waiting: _Batch = []
         self._busy = False
 
     def destroy(self, ifaces: list[InterfaceHandle]) -> asyncio.Future[None]:
@@ -164,11 +211,12 @@ class _Reaper:
         work = self._loop.run_in_executor(self._executor, self._backend.destroy_interfaces, ifaces)
         work.add_done_callback(lambda work: self._finished(work, batch))
 
-    def _finished(self, work: asyncio.Future[None], batch: list[tuple[list[InterfaceHandle], asyncio.Future[None]]]) -> None:
+    def _finished(self, work: asyncio.Future[None], batch: _Batch) -> None:
         self._busy = False
-        if work.cancelled() or work.exception() is not None:
+        error = "cancelled" if work.cancelled() else work.exception()
+        if error is not None:
             names = ", ".join(iface.name for group, _ in batch for iface in group)
-            log.error("removing interface(s) %s failed: %s", names, work.exception() if not work.cancelled() else "cancelled")
+            log.error("removing interface(s) %s failed: %s", names, error)
         for _, done in batch:
             if not done.done():
                 done.set_result(None)
@@ -202,6 +250,10 @@ def _attachment_status(owner: Peer, iface: InterfaceHandle) -> dict[str, Any]:
     buffers = getattr(iface, "buffers", None)
     if callable(buffers) and (value := buffers()) is not None:
         status["buffers"] = value
+    # ... and frames dropped for a forged source (Linux: the bridge filter's counter).
+    forged = getattr(iface, "forged", None)
+    if callable(forged) and (value := forged()) is not None:
+        status["forged"] = value
     return status
 
 
@@ -241,6 +293,12 @@ class Broker:
         self.max_reply = max_reply
         self._user_interfaces: collections.Counter[int] = collections.Counter()
         self._reaper = _Reaper(backend, self._loop)
+        # Networks a backend is creating or removing asynchronously, and the
+        # tasks finishing requests that wait (see the module's docstring).
+        self._creating: dict[str, asyncio.Task[_Network]] = {}
+        self._removing: dict[str, asyncio.Task[None]] = {}
+        self._leaving: dict[str, _Network] = {}  # being removed: status shows them until they are gone
+        self._tasks: set[asyncio.Task[Reply]] = set()
         # Changes whenever a network or an interface comes or goes: a client
         # paging through status restarts if it changed under it.
         self._generation = 0
@@ -285,6 +343,15 @@ class Broker:
         return Reply(protocol.error_body(Code.INVALID_REQUEST, f"request not understood: {reason}"))
 
     def _handle(self, peer: Peer, req: Request) -> Reply:
+        if peer.busy:
+            # An earlier request of this connection still waits: this one is
+            # handled after it, and its reply leaves after that one's.
+            reply = Reply({}, ready=self._loop.create_future())
+            peer.waiting.append((req, reply))
+            return reply
+        return self._handle_now(peer, req)
+
+    def _handle_now(self, peer: Peer, req: Request) -> Reply:
         if req.has_id and len(protocol.encode({"id": req.id})) > self.max_reply - REPLY_RESERVE:
             # Its echo alone would not leave room for the reply: refused
             # before it changes anything (the "id" cannot be echoed).
@@ -293,18 +360,64 @@ class Broker:
             return Reply(protocol.error_body(Code.INTERNAL_ERROR, message))
         try:
             return self._dispatch(peer, req)
-        except _Refused as e:
+        except Exception as e:
+            return self._error_reply(peer, req, e)
+
+    def _error_reply(self, peer: Peer, req: Request, e: BaseException) -> Reply:
+        if isinstance(e, _Refused):
             log.warning("%s: %s", peer, e.message)
             return Reply(protocol.error_body(e.code, e.message, req.id, req.has_id))
-        except Exception as e:  # a bug or an unexpected OS error: keep serving
-            log.exception("%s: internal error", peer)
-            message = f"internal error: {e}"
-            return Reply(protocol.error_body(Code.INTERNAL_ERROR, message, req.id, req.has_id))
+        # A bug or an unexpected OS error: keep serving.
+        log.error("%s: internal error", peer, exc_info=e)
+        return Reply(protocol.error_body(Code.INTERNAL_ERROR, f"internal error: {e}", req.id, req.has_id))
+
+    def _later(self, peer: Peer, req: Request, work: Coroutine[Any, Any, Reply]) -> Reply:
+        """The reply to a request that must wait: ``work`` finishes it on a task.
+
+        Until then this connection's next requests wait (``_handle``); the
+        other connections are served.
+        """
+        reply = Reply({}, ready=self._loop.create_future())
+        peer.busy = True
+        task = self._loop.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(lambda task: self._finished(peer, req, reply, task))
+        return reply
+
+    def _finished(self, peer: Peer, req: Request, reply: Reply, task: asyncio.Task[Reply]) -> None:
+        self._tasks.discard(task)
+        peer.busy = False
+        if task.cancelled():  # shutdown: nobody will read it
+            result = Reply(protocol.error_body(Code.INTERNAL_ERROR, "the broker is stopping", req.id, req.has_id))
+        elif (error := task.exception()) is not None:
+            result = self._error_reply(peer, req, error)
+        else:
+            result = task.result()
+        self._release_when_ready(reply, result)
+        # Then what the connection sent meanwhile, in order, until one waits again.
+        while peer.waiting and not peer.busy:
+            req, reply = peer.waiting.popleft()
+            self._release_when_ready(reply, self._handle_now(peer, req))
+
+    def _release_when_ready(self, reply: Reply, result: Reply) -> None:
+        """Let ``reply`` (queued in the transport already) go as ``result``, once that is final."""
+        assert reply.ready is not None
+
+        def release(_: object = None) -> None:
+            reply.take(result)
+            if not reply.ready.done():
+                reply.ready.set_result(None)
+
+        if result.ready is None or result.ready.done():
+            release()
+        else:
+            result.ready.add_done_callback(release)
 
     def disconnect(self, peer: Peer) -> None:
         if peer not in self._peers:
             return
         self._peers.discard(peer)
+        peer.waiting.clear()  # their replies will never be read
         # All its interfaces in one batch first: that is what takes time.
         self._destroy_interfaces(peer, list(peer.interfaces))
         held = sorted(peer.networks)
@@ -324,9 +437,18 @@ class Broker:
         """Whether any connection holds a network (macOS ignores SIGTERM then)."""
         return any(peer.networks for peer in self._peers)
 
-    def shutdown(self) -> None:
-        """Remove every network and interface; collect errors, raise the first."""
+    async def shutdown(self) -> None:
+        """Remove every network and interface; collect errors, raise the first.
+
+        Requests still waiting are cancelled first (their clients are gone
+        with the transport), and so are creations under way: the backend
+        unwinds what each had made.  Removals under way are waited for.
+        """
         errors: list[BaseException] = []
+        pending = [*self._tasks, *self._creating.values()]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
         for peer in list(self._peers):
             try:
                 self.disconnect(peer)
@@ -341,6 +463,9 @@ class Broker:
                 self._remove(net)
             except Exception as e:
                 errors.append(e)
+        for result in await asyncio.gather(*self._removing.values(), return_exceptions=True):
+            if isinstance(result, BaseException):
+                errors.append(result)
         try:
             self._backend.close()
         except Exception as e:
@@ -354,16 +479,16 @@ class Broker:
         cmd = req.command
         if isinstance(cmd, Acquire):
             net = self._acquire(peer, cmd.network_name)
-            value = net.handle.reply_value()
-            body = {"network": value}
-            if not isinstance(value, dict):
-                # macOS: the serialization is opaque; say beside it what it
-                # is (upstream's clients read only "network" and "error").
-                body["network_info"] = net.handle.info()
-            return Reply(protocol.reply_body(body, req))
+            if net is None:  # being created
+                return self._later(peer, req, self._acquire_later(peer, req, cmd.network_name))
+            return self._acquire_reply(net, req)
         if isinstance(cmd, Attach):
-            iface, fds = self._attach(peer, cmd)
-            return Reply(protocol.reply_body({"interface": iface.info()}, req), fds)
+            self._check_attach(peer, cmd)
+            held = cmd.network_name in peer.networks
+            net = self._acquire(peer, cmd.network_name)
+            if net is None:  # being created
+                return self._later(peer, req, self._attach_later(peer, req, cmd, held))
+            return self._attach_reply(peer, req, cmd, net, held)
         if isinstance(cmd, Detach):
             gone = self._detach(peer, cmd.interface)
             return Reply(protocol.reply_body({}, req), ready=gone)
@@ -376,7 +501,24 @@ class Broker:
             return Reply(self._status_reply(cmd, req))
         raise AssertionError(f"unhandled command {cmd!r}")
 
-    def _acquire(self, peer: Peer, name: str) -> _Network:
+    def _acquire_reply(self, net: _Network, req: Request) -> Reply:
+        value = net.handle.reply_value()
+        body = {"network": value}
+        if not isinstance(value, dict):
+            # macOS: the serialization is opaque; say beside it what it
+            # is (upstream's clients read only "network" and "error").
+            body["network_info"] = net.handle.info()
+        return Reply(protocol.reply_body(body, req))
+
+    async def _acquire_later(self, peer: Peer, req: Request, name: str) -> Reply:
+        return self._acquire_reply(await self._wait_and_join(peer, name), req)
+
+    def _acquire(self, peer: Peer, name: str) -> _Network | None:
+        """Take ``peer``'s reference to the network, creating it if need be.
+
+        None if the network is being created (by this request or another, or
+        is still being removed): then ``_wait_and_join`` takes the reference.
+        """
         # Upstream's order: the limit is checked before the name is looked up.
         if name in peer.networks:
             return self._networks[name]
@@ -390,24 +532,78 @@ class Broker:
 
         net = self._networks.get(name)
         if net is None:
+            if name in self._creating or name in self._removing:
+                return None
             net = self._create(config)
-        elif net.idle_timer is not None:
-            net.idle_timer.cancel()
-            net.idle_timer = net.idle_deadline = None
-            log.info("network %r is in use again, removal cancelled", name)
-        net.peers.add(peer)
-        peer.networks.add(name)
-        log.info("%s acquired network %r (%d peer(s))", peer, name, len(net.peers))
+            if net is None:
+                return None
+        self._join(peer, net)
         return net
 
-    def _create(self, config: NetworkConfig) -> _Network:
+    def _join(self, peer: Peer, net: _Network) -> None:
+        if net.idle_timer is not None:
+            net.idle_timer.cancel()
+            net.idle_timer = net.idle_deadline = None
+            log.info("network %r is in use again, removal cancelled", net.name)
+        net.peers.add(peer)
+        peer.networks.add(net.name)
+        log.info("%s acquired network %r (%d peer(s))", peer, net.name, len(net.peers))
+
+    async def _wait_and_join(self, peer: Peer, name: str) -> _Network:
+        """Wait for the network to be there, then take ``peer``'s reference (``_acquire``'s slow path)."""
+        for _ in range(3):  # again if it was removed before this task ran (idle timeout 0)
+            removing = self._removing.get(name)
+            if removing is not None:
+                await asyncio.wait([removing])  # its failure is logged there
+            creating = self._creating.get(name)
+            net = self._networks.get(name)
+            if net is None and creating is None:
+                net = self._create(self._configs[name])
+                creating = self._creating.get(name)
+            if net is None and creating is not None:
+                # Shielded: this request may be cancelled, the creation is everyone's.
+                net = await asyncio.shield(creating)
+            if net is None or self._networks.get(name) is not net:
+                continue  # removed before this task ran
+            if peer not in self._peers:
+                # Gone while it waited.  A network nobody took is idle.
+                if not net.peers and net.idle_timer is None:
+                    self._schedule_removal(net)
+                raise _Refused(Code.INTERNAL_ERROR, "the connection closed")  # nobody reads it
+            self._join(peer, net)
+            return net
+        raise _Refused(Code.CREATE_FAILURE, f"network {name!r} was removed while it was being acquired")
+
+    def _create(self, config: NetworkConfig) -> _Network | None:
+        """The new network; None if the backend creates it asynchronously (``_creating``)."""
         started = time.monotonic()
         try:
-            handle = self._backend.create_network(config)
+            made = self._backend.create_network(config)
         except CreateError as e:
             raise _Refused(Code.CREATE_FAILURE, str(e)) from e
         except OSError as e:
             raise _Refused(Code.CREATE_FAILURE, f"cannot create network {config.name!r}: {e}") from e
+        if inspect.isawaitable(made):
+            task = self._loop.create_task(self._create_later(config, made, started))
+            task.add_done_callback(lambda task: task.cancelled() or task.exception())  # each waiter reports it
+            self._creating[config.name] = task
+            return None
+        return self._created(config, made, started)
+
+    async def _create_later(self, config: NetworkConfig, made: Awaitable[NetworkHandle], started: float) -> _Network:
+        try:
+            handle = await made
+        except CreateError as e:
+            raise _Refused(Code.CREATE_FAILURE, str(e)) from e
+        except OSError as e:
+            raise _Refused(Code.CREATE_FAILURE, f"cannot create network {config.name!r}: {e}") from e
+        finally:
+            del self._creating[config.name]
+        # Its waiters take their references next (or, if their clients left,
+        # make it idle: _wait_and_join).
+        return self._created(config, handle, started)
+
+    def _created(self, config: NetworkConfig, handle: NetworkHandle, started: float) -> _Network:
         net = _Network(handle)
         self._networks[config.name] = net
         self._generation += 1
@@ -419,7 +615,8 @@ class Broker:
         )  # fmt: skip
         return net
 
-    def _attach(self, peer: Peer, cmd: Attach) -> tuple[InterfaceHandle, list[int]]:
+    def _check_attach(self, peer: Peer, cmd: Attach) -> None:
+        """Refuse an attach the limits do not allow, before anything is made."""
         if cmd.kind not in self._backend.attach_kinds:
             raise _Refused(Code.INVALID_REQUEST, self._no_attach(cmd.kind))
         if len(peer.interfaces) >= MAX_PEER_INTERFACES:
@@ -437,11 +634,52 @@ class Broker:
                 f"network {cmd.network_name!r} has {len(existing.interfaces)} interfaces, the most it may "
                 f"(max_interfaces_per_network {self._max_network_interfaces})",
             )
-        held = cmd.network_name in peer.networks
-        net = self._acquire(peer, cmd.network_name)
+
+    async def _attach_later(self, peer: Peer, req: Request, cmd: Attach, held: bool) -> Reply:
+        net = await self._wait_and_join(peer, cmd.network_name)
+        try:
+            self._check_attach(peer, cmd)  # again: others attached while it waited
+        except _Refused:
+            if not held:
+                self._release(peer, cmd.network_name)
+            raise
+        return self._attach_reply(peer, req, cmd, net, held)
+
+    def _attach_reply(self, peer: Peer, req: Request, cmd: Attach, net: _Network, held: bool) -> Reply:
+        iface, fds = self._attach(peer, cmd, net, held)
+        reply = Reply(protocol.reply_body({"interface": iface.info()}, req), fds)
+        ready = getattr(iface, "ready", None)
+        if ready is not None:
+            self._hold_until_ready(peer, req, iface, reply, ready)
+        return reply
+
+    def _hold_until_ready(
+        self, peer: Peer, req: Request, iface: InterfaceHandle, reply: Reply, ready: asyncio.Future[None]
+    ) -> None:
+        """The reply leaves once the interface may be used (Linux: once the
+        bridge filter guards its port, so no frame of the guest gets past
+        it); if it cannot be, the interface goes and the reply says why."""
+        released: asyncio.Future[None] = self._loop.create_future()
+        reply.ready = released
+
+        def done(ready: asyncio.Future[None]) -> None:
+            error = "cancelled" if ready.cancelled() else ready.exception()
+            if error is not None:
+                log.error("%s: interface %s cannot be used: %s", peer, iface.name, error)
+                reply.sent()  # the client gets no fds
+                message = f"cannot create interface {iface.name}: {error}"
+                reply.body = protocol.error_body(Code.CREATE_FAILURE, message, req.id, req.has_id)
+                if peer.interfaces.get(iface.name) is iface:
+                    self._destroy_interfaces(peer, [iface.name])
+            released.set_result(None)
+
+        ready.add_done_callback(done)
+
+    def _attach(self, peer: Peer, cmd: Attach, net: _Network, held: bool) -> tuple[InterfaceHandle, list[int]]:
         iface: InterfaceHandle | None = None
         fds: list[int] = []
         try:
+            self._check_mac_free(net, cmd.mac)
             if cmd.persist:  # its owner: who asked, as the kernel vouches (SO_PEERCRED)
                 cmd = dataclasses.replace(cmd, owner_uid=peer.uid)
             iface = self._backend.create_interface(net.handle, cmd)
@@ -466,6 +704,15 @@ class Broker:
         self._generation += 1
         log.info("%s attached %s %s to network %r", peer, cmd.kind, iface.name, net.name)
         return iface, fds
+
+    def _check_mac_free(self, net: _Network, mac: str | None) -> None:
+        """One interface per MAC on a network: a client asking for another's
+        would be let through the bridge filter as that guest (guard.py)."""
+        if mac is None:
+            return  # the backend picks a random one
+        for name, (_, iface) in net.interfaces.items():
+            if iface.info().get("mac") == mac:
+                raise _Refused(Code.CREATE_FAILURE, f"MAC {mac} is already interface {name}'s on network {net.name!r}")
 
     def _no_attach(self, kind: str) -> str:
         if not self._backend.attach_kinds:
@@ -527,8 +774,26 @@ class Broker:
             net.idle_timer.cancel()
         self._networks.pop(net.name, None)
         self._generation += 1
-        self._backend.destroy_network(net.handle)
+        gone = self._backend.destroy_network(net.handle)
+        if inspect.isawaitable(gone):
+            task = self._loop.create_task(self._remove_later(net, gone))
+            task.add_done_callback(lambda task: task.cancelled() or task.exception())  # logged there
+            self._removing[net.name] = task
+            self._leaving[net.name] = net
+            return
         log.info("removed network %r", net.name)
+
+    async def _remove_later(self, net: _Network, gone: Awaitable[None]) -> None:
+        try:
+            await gone
+            log.info("removed network %r", net.name)
+        except Exception:
+            log.exception("removing network %r failed", net.name)
+            raise
+        finally:
+            del self._removing[net.name]
+            del self._leaving[net.name]
+            self._generation += 1
 
     # -- status -------------------------------------------------------------------
 
@@ -546,8 +811,12 @@ class Broker:
             "uptime": round(time.monotonic() - self._started, 3),
         }
 
-    def _status_networks(self) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
-        """Each network's status object (without attachments) and its attachments."""
+    def _status_networks(self, render: bool = True) -> list[tuple[dict[str, Any], list[Any]]]:
+        """Each network's status object (without attachments) and its attachments.
+
+        With ``render`` false, the attachments are ``(owner, interface)``
+        pairs, for ``_attachment_status`` to render only those a page shows.
+        """
         now = self._loop.time()
         out = []
         for net in self._networks.values():
@@ -557,8 +826,13 @@ class Broker:
             # Why the network no longer works as created (its bridge deleted
             # behind the broker's back, dnsmasq restarting...), or None.
             info["degraded"] = getattr(net.handle, "degraded", None)
-            attachments = [_attachment_status(owner, iface) for owner, iface in net.interfaces.values()]
-            out.append((info, attachments))
+            pairs = list(net.interfaces.values())
+            out.append((info, [_attachment_status(owner, iface) for owner, iface in pairs] if render else pairs))
+        for net in self._leaving.values():  # until its bridge and daemons are gone
+            info = net.handle.info()
+            info.update(peers=0, interfaces=0, idle_expires_in=0.0, removing=True)
+            info["degraded"] = getattr(net.handle, "degraded", None)
+            out.append((info, []))
         return out
 
     def _status_reply(self, cmd: Status, req: Request) -> dict[str, Any]:
@@ -572,8 +846,9 @@ class Broker:
         ``generation`` changes whenever a network or an interface comes or
         goes, so a client paging through knows when to start over.
         """
-        networks = self._status_networks()
-        rows: list[tuple[int, Any]] = []  # (network index, attachment) / (-1, available name); None: the network
+        networks = self._status_networks(render=False)
+        # (network index, (owner, interface)) / (-1, available name); None: the network itself
+        rows: list[tuple[int, Any]] = []
         for i, (_, attachments) in enumerate(networks):
             rows.append((i, None))
             rows.extend((i, attachment) for attachment in attachments)
@@ -595,6 +870,8 @@ class Broker:
         current = -1  # index of the network shown last
         end = first
         for i, value in rows[first:last]:
+            if i >= 0 and value is not None:
+                value = _attachment_status(*value)  # rendered only when on a page
             cost = 0
             if i >= 0 and i != current:
                 net = {**networks[i][0], "attachments": []}
@@ -611,7 +888,9 @@ class Broker:
                 (shown[-1]["attachments"] if i >= 0 else page["available"]).append(value)
             end += 1
         if end == first < last:
-            raise _Refused(Code.INTERNAL_ERROR, f"reply too large: status row {first} alone exceeds {self.max_reply} bytes")
+            raise _Refused(
+                Code.INTERNAL_ERROR, f"reply too large: status row {first} alone exceeds {self.max_reply} bytes"
+            )
         more = end < len(rows)
         page.update(networks=shown, truncated=more, next_offset=end if more else None)
         return protocol.reply_body({"status": page}, req)

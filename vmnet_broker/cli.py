@@ -13,7 +13,12 @@ import sys
 from collections.abc import Sequence
 
 from ._version import __version__
-from .broker import BRIDGE_PORTS, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_INTERFACES_PER_NETWORK, DEFAULT_MAX_INTERFACES_PER_USER
+from .broker import (
+    BRIDGE_PORTS,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_INTERFACES_PER_NETWORK,
+    DEFAULT_MAX_INTERFACES_PER_USER,
+)
 from .client import DEFAULT_SERVICE, DEFAULT_SOCKET, SOCKET_ENV, Client, default_socket_path
 from .config import DEFAULT_CONFIG_DIR
 from .errors import BrokerError
@@ -206,8 +211,14 @@ def _status(socket_path: str | None, as_json: bool) -> int:
             f"{net.name:<12} {net.mode:<6} {net.subnet}/{raw.get('mask', '?')} "
             f"bridge {raw.get('bridge', '?')}  {net.peers} peer(s), {net.interfaces} interface(s), {idle}"
         )
+        if raw.get("degraded"):
+            print(f"  DEGRADED: {raw['degraded']}")
         for iface in raw.get("attachments", []):
-            print(f"  {iface['name']:<10} {iface['kind']:<5} {iface['mac']}  peer {iface['peer']}")
+            forged = iface.get("forged") or {}
+            note = ""
+            if forged.get("packets") or forged.get("mac_changes"):  # the bridge filter's (docs/security.md)
+                note = f"  forged: {forged.get('packets', 0)} frame(s) dropped, {forged.get('mac_changes', 0)} MAC change(s) undone"
+            print(f"  {iface['name']:<10} {iface['kind']:<5} {iface['mac']}  peer {iface['peer']}{note}")
     return 0
 
 

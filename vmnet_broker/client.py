@@ -461,7 +461,8 @@ class Client:
                 more = page.get("networks", [])
                 if more and networks and more[0].get("name") == networks[-1].get("name"):
                     first_more, *more = more
-                    networks[-1]["attachments"] = [*networks[-1].get("attachments", []), *first_more.get("attachments", [])]
+                    before = networks[-1].get("attachments", [])
+                    networks[-1]["attachments"] = [*before, *first_more.get("attachments", [])]
                 networks.extend(dict(n) for n in more)
                 available.extend(page.get("available", []))
             else:

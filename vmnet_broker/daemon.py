@@ -330,7 +330,7 @@ async def _serve(options: Options, native: ModuleType) -> int:
                 log.exception("closing the listener")
                 errors.append(e)
         try:
-            broker.shutdown()
+            await broker.shutdown()
         except Exception as e:
             errors.append(e)
         if errors:

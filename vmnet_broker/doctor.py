@@ -156,17 +156,19 @@ def _leftovers(state_dir: Path) -> Iterator[Finding]:
     links = [link.name for link in _native.list_links(names.PREFIX)]
     for name in links:
         yield problem("leftover", f"link {name} (the next broker start removes it)")
-    table = subprocess.run(["nft", "list", "table", "inet", names.NFT_TABLE], capture_output=True, timeout=10) \
-        if shutil.which("nft") else None  # fmt: skip
-    if table is not None and table.returncode == 0:
-        yield problem("leftover", f"nftables table inet {names.NFT_TABLE} (the next broker start removes it)")
+    tables = []  # the NAT table and the bridge filter's (guard.py)
+    for family in ("inet", "bridge") if shutil.which("nft") else ():
+        listed = subprocess.run(["nft", "list", "table", family, names.NFT_TABLE], capture_output=True, timeout=10)
+        if listed.returncode == 0:
+            tables.append(family)
+            yield problem("leftover", f"nftables table {family} {names.NFT_TABLE} (the next broker start removes it)")
     pids = []
     if state_dir.is_dir():
         for pid_file, pid in dnsmasq.leftovers(state_dir):
             if pid is not None:
                 pids.append(pid)
                 yield problem("leftover", f"dnsmasq pid {pid} from {pid_file} (the next broker start stops it)")
-    if not links and not pids and (table is None or table.returncode != 0):
+    if not links and not pids and not tables:
         yield ok("leftover", "no links, nftables table or dnsmasq left by a broker")
 
 

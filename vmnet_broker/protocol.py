@@ -169,7 +169,9 @@ def _parse_status(obj: dict[str, Any]) -> Status:
     if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset <= MAX_STATUS_ROWS:
         raise _invalid(f"'offset' must be an integer between 0 and {MAX_STATUS_ROWS}")
     limit = obj.get("limit")
-    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_STATUS_ROWS):
+    if limit is not None and (
+        not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_STATUS_ROWS
+    ):
         raise _invalid(f"'limit' must be an integer between 1 and {MAX_STATUS_ROWS}")
     return Status(offset, limit)
 

@@ -64,7 +64,9 @@ class PumpBuffers {
   using Clock = std::chrono::steady_clock;
 
   PumpBuffers(std::size_t frame_size, unsigned frames)
-      : stride_(round_up(frame_size, 64)), frames_(frames), size_(round_up(stride_ * frames + kControlSize * frames, 4096)) {
+      : stride_(round_up(frame_size, 64)),
+        frames_(frames),
+        size_(round_up(stride_ * frames + kControlSize * frames, 4096)) {
     base_ = static_cast<char*>(::mmap(nullptr, size_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
     if (base_ == MAP_FAILED) throw_errno("pump: mmap frame buffers");
   }

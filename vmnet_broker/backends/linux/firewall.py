@@ -331,13 +331,34 @@ def apply(networks: Sequence[FirewallNetwork]) -> None:
         raise FirewallError(proc.returncode, proc.stderr, batch)
 
 
-def delete_table() -> bool:
-    """Remove our table if present; True if there was one."""
-    listed = _nft(["-j", "list", "tables", FAMILY])
+def delete_tables(*families: str) -> None:
+    """Remove our tables of these families, whether or not they exist, in one ``nft`` run (shutdown)."""
+    commands: list[dict[str, Any]] = [{"metainfo": {"json_schema_version": 1}}]
+    for family in families:
+        table = {"family": family, "name": TABLE}
+        commands += [{"add": {"table": table}}, {"delete": {"table": table}}]
+    batch = {"nftables": commands}
+    proc = _nft(["-j", "-f", "-"], json.dumps(batch))
+    if proc.returncode != 0:
+        raise FirewallError(proc.returncode, proc.stderr, batch)
+
+
+def delete_table(family: str = FAMILY) -> bool:
+    """Remove our table of ``family`` if present; True if there was one.
+
+    ``inet``: this module's; ``bridge``: the bridge filter's (guard.py).
+    """
+    listed = _nft(["-j", "list", "tables", family])
     if listed.returncode != 0:
         raise FirewallError(listed.returncode, listed.stderr)
     tables = json.loads(listed.stdout or "{}").get("nftables", [])
     existed = any(item.get("table", {}).get("name") == TABLE for item in tables)
     if existed:
-        apply([])  # add + delete: no error if someone removed it meanwhile
+        # add + delete: no error if someone removed it meanwhile
+        table = {"family": family, "name": TABLE}
+        batch = {"nftables": [{"metainfo": {"json_schema_version": 1}}, {"add": {"table": table}},
+                              {"delete": {"table": table}}]}  # fmt: skip
+        proc = _nft(["-j", "-f", "-"], json.dumps(batch))
+        if proc.returncode != 0:
+            raise FirewallError(proc.returncode, proc.stderr, batch)
     return existed

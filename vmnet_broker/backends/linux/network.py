@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,6 +112,12 @@ class Interface:
     _client_end: socket.socket | None = field(default=None, repr=False)
     _pump: Any = field(default=None, repr=False)  # _native.Pump for dgram
     _keepalive: int | None = field(default=None, repr=False)  # one TAP queue fd, after handover
+    # Set by the backend (guard.py): the bridge filter's entry for this port;
+    # a future done once the filter guards it (the attach reply waits for it);
+    # and what status shows of the frames it dropped.
+    guard_port: Any = field(default=None, repr=False)
+    ready: Any = field(default=None, repr=False)
+    forged: Callable[[], dict[str, int]] | None = field(default=None, repr=False)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -194,11 +201,42 @@ def destroy_interfaces(ifaces: list[Interface], group: int) -> None:
         raise errors[0]
 
 
+def _new_tap(template: str, request: Attach, on_record: frozenset[str]) -> Any:
+    """A TAP from the kernel's template whose name the broker has not on record.
+
+    The kernel gives the lowest free name; after a TAP of ours was deleted
+    behind our back that is its name, and two interfaces of one name would
+    make the registry (and a client's ``detach``) act on the wrong one.  So
+    such a TAP is held open while the next is made (it gets the next free
+    name), then closed, which deletes it.  Naming TAPs ourselves instead
+    would race: TUNSETIFF on a name that appeared meanwhile attaches to
+    that device.
+    """
+    held = []
+    try:
+        for _ in range(len(on_record) + 1):
+            tap = _native.Tap(template, vnet_hdr=request.vnet_hdr, queues=request.queues)
+            if tap.name not in on_record:
+                return tap
+            held.append(tap)
+        raise OSError(errno.EEXIST, f"no TAP name free of those on record ({len(on_record)})")
+    finally:
+        for tap in held:
+            tap.close()
+
+
 def create_interface(
-    bridge: str | int, network_name: str, mtu: int, request: Attach, reserved: frozenset[str] = frozenset()
+    bridge: str | int,
+    network_name: str,
+    mtu: int,
+    request: Attach,
+    reserved: frozenset[str] = frozenset(),
+    on_record: frozenset[str] = frozenset(),
 ) -> Interface:
     """A TAP on ``bridge`` (name, or the ifindex the broker recorded) as
-    ``request`` asks; ``reserved``: names a persistent TAP must not take."""
+    ``request`` asks; ``reserved``: names a persistent TAP must not take;
+    ``on_record``: names of interfaces the broker has, which the new one
+    must not have even if their links were deleted behind its back."""
     mac = request.mac or names.random_mac()
     if request.persist:
         if request.owner_uid is None:
@@ -213,7 +251,7 @@ def create_interface(
         template = names.DGRAM_TEMPLATE
     else:
         template = names.TAP_TEMPLATE
-    tap = _native.Tap(template, vnet_hdr=request.vnet_hdr, queues=request.queues)
+    tap = _new_tap(template, request, on_record)
     iface = Interface(
         tap.name, network_name, request.kind, mac, mtu, request.vnet_hdr, request.queues, tap, persist=request.persist
     )

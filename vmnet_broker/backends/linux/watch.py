@@ -134,12 +134,19 @@ class Watcher:
     """Netlink events to each watched network's ``Problems``.
 
     ``on_bridge_gone(net)`` is called once when a network's bridge is gone
-    (the backend stops what serves it).
+    (the backend stops what serves it); ``on_link(event)``, if given, with
+    every link event (the backend puts back a TAP's MAC a client changed).
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, on_bridge_gone: Callable[[LinuxNetwork], None]) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        on_bridge_gone: Callable[[LinuxNetwork], None],
+        on_link: Callable[[Event], None] | None = None,
+    ) -> None:
         self._loop = loop
         self._on_bridge_gone = on_bridge_gone
+        self._on_link = on_link
         self._monitor = _native.Monitor()
         self._by_index: dict[int, LinuxNetwork] = {}
         self._networks: list[LinuxNetwork] = []
@@ -197,6 +204,8 @@ class Watcher:
                 self._check(net)
 
     def _link_event(self, event: Event) -> None:
+        if self._on_link is not None:
+            self._on_link(event)
         net = self._by_index.get(event.index)
         if net is None:
             return
