@@ -217,7 +217,8 @@ def _status(socket_path: str | None, as_json: bool) -> int:
             forged = iface.get("forged") or {}
             note = ""
             if forged.get("packets") or forged.get("mac_changes"):  # the bridge filter's (docs/security.md)
-                note = f"  forged: {forged.get('packets', 0)} frame(s) dropped, {forged.get('mac_changes', 0)} MAC change(s) undone"
+                note = (f"  forged: {forged.get('packets', 0)} frame(s) dropped, "
+                        f"{forged.get('mac_changes', 0)} MAC change(s) undone")
             print(f"  {iface['name']:<10} {iface['kind']:<5} {iface['mac']}  peer {iface['peer']}{note}")
     return 0
 

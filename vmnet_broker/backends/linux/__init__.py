@@ -235,8 +235,9 @@ class LinuxBackend:
                     errors.append(e)
             try:
                 # By ifindex: gone already if deleted behind our back, and then
-                # its name may be another link's.
-                network.delete_link_quietly(net.bridge_index or net.bridge)
+                # its name may be another link's.  On a thread: the kernel
+                # waits for RCU grace periods to unregister it (~20-40 ms).
+                await asyncio.to_thread(network.delete_link_quietly, net.bridge_index or net.bridge)
             except Exception as e:
                 log.error("removing network %r: %s", net.config.name, e)
                 errors.append(e)
@@ -269,7 +270,7 @@ class LinuxBackend:
         if self._guard is not None:
             # Its port sends only its own addresses, from before the client
             # has its fd: the attach reply waits for ``ready``.
-            port = self._guard.port(iface.name, iface.mac, net.subnet)
+            port = self._guard.port(iface.name, iface.index, iface.mac, net.subnet)
             iface.guard_port = port
             iface.ready = self._guard.add(port)
         tap = None

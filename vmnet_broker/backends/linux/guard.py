@@ -29,11 +29,15 @@ checked for their MAC only.
 The check lives in the broker's second nftables table, ``bridge
 vmnet_broker``: one chain on the bridge family's prerouting hook (before the
 bridge learns a source address; br_netfilter's hook comes later still),
-whose rules never change, and sets that say which port is whose.  Every
-change is one atomic ``nft -j -f -`` batch built from the whole state, as for
-the ``inet`` table; but the table is not deleted and remade, because the
-attachments' counters live in it: sets are flushed and refilled, the chain
-flushed and refilled, counters of attachments that are gone deleted.  A
+whose rules never change, and sets that say which port is whose, keyed by
+the port's ifindex (a name is reused by the next TAP at once, an ifindex is
+not).  Every change is one atomic ``nft -j -f -`` batch, as for the
+``inet`` table; but the table is not deleted and remade, because the
+attachments' counters live in it.  The first batch (and the one after a
+failure) flushes and refills it whole; the others carry only what changed.
+Additions go at once (an attach reply waits for them); deletions, which cost
+the kernel an RCU grace period (~15 ms against ~4 for an addition), follow
+on their own a moment later, so an attach never waits for a detach's.  A
 port of ours that is in no set (an interface being attached) sends nothing.
 Names come from config.py's validation and our own templates, and every
 string of a batch is checked against an explicit set before ``nft`` sees it.
@@ -72,6 +76,9 @@ PRIO_FILTER = -200
 # How old the counters in status may be: reading them is an nft run, so
 # status shows the last reading and asks for a new one when it is older.
 COUNTERS_MAX_AGE = 1.0
+# Deletions (a port gone, a lease moved) go in a batch of their own this long
+# after they are due, whatever else comes meanwhile.
+REMOVE_DELAY = 0.1
 
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 # Every string of a batch: names, interface names, MACs, addresses, keywords,
@@ -84,6 +91,7 @@ class GuardPort:
     """One attachment's bridge port and what it may send as."""
 
     name: str  # the TAP on the bridge (a dgram attachment's is the broker's TAP)
+    index: int  # its ifindex: what the sets say
     mac: str  # the guest's MAC, as the broker assigned it
     subnet: ipaddress.IPv4Network  # its network's
     counter: str  # its counter's name: one per attachment, so a reused TAP name starts from zero
@@ -112,7 +120,7 @@ def ruleset(ports: Sequence[GuardPort], owned: Iterable[tuple[str, ipaddress.IPv
     ``stale_counters``: counters of attachments that are gone, to delete (if
     they exist).  Raises ValueError for any value outside what it may be.
     """
-    ports = sorted(ports, key=lambda p: str(p.name))
+    ports = sorted(ports, key=lambda p: (str(p.name), str(p.index)))
     stale = sorted(set(stale_counters) - {p.counter for p in ports})
     _check(ports, list(owned), stale)
     table = {"family": FAMILY, "name": TABLE}
@@ -134,15 +142,16 @@ def ruleset(ports: Sequence[GuardPort], owned: Iterable[tuple[str, ipaddress.IPv
 
 
 def changes(
-    old_ports: dict[str, GuardPort], old_owned: Owned, ports: dict[str, GuardPort], owned: Owned
+    old_ports: dict[int, GuardPort], old_owned: Owned, ports: dict[int, GuardPort], owned: Owned
 ) -> dict[str, Any] | None:
     """The batch that takes a table made by ``ruleset`` from the old state to the new one; None if they are the same.
 
-    Only what changed: one attach is a few elements, not all of every
-    port's again (1,700 ports rebuilt per attach cost seconds of nft).
+    Ports by ifindex.  Only what changed: one attach is a few elements, not
+    all of every port's again (1,700 ports rebuilt per attach cost seconds
+    of nft).
     """
-    gone = sorted((p for name, p in old_ports.items() if ports.get(name) != p), key=lambda p: p.name)
-    added = sorted((p for name, p in ports.items() if old_ports.get(name) != p), key=lambda p: p.name)
+    gone = sorted((p for index, p in old_ports.items() if ports.get(index) != p), key=lambda p: p.index)
+    added = sorted((p for index, p in ports.items() if old_ports.get(index) != p), key=lambda p: p.index)
     lost, new = old_owned - owned, owned - old_owned
     if not (gone or added or lost or new):
         return None
@@ -161,12 +170,12 @@ def changes(
 
 # The sets and the map, and their types: what ruleset() makes and changes() edits.
 _SETS: list[tuple[str, dict[str, Any]]] = [
-    ("ports", {"type": "ifname"}),
-    ("port_mac", {"type": ["ifname", "ether_addr"]}),
-    ("port_ip", {"type": ["ifname", "ipv4_addr"], "flags": ["interval"]}),
+    ("ports", {"type": "iface_index"}),
+    ("port_mac", {"type": ["iface_index", "ether_addr"]}),
+    ("port_ip", {"type": ["iface_index", "ipv4_addr"], "flags": ["interval"]}),
     ("owned", {"type": "ipv4_addr"}),
     ("owner", {"type": ["ether_addr", "ipv4_addr"]}),
-    ("forged", {"type": "ifname", "map": "counter"}),
+    ("forged", {"type": "iface_index", "map": "counter"}),
 ]
 
 
@@ -185,35 +194,38 @@ def _elements(
     ranges = [(p, r) for p in ports if (r := sources(p.subnet)) is not None]
     addresses = sorted({ip for _, ip in owned} - set(keep_addresses))
     contents: list[tuple[str, list[Any]]] = [
-        ("ports", [p.name for p in ports]),
-        ("port_mac", [_concat(p.name, p.mac) for p in ports]),
-        ("port_ip", [_concat(p.name, {"range": [str(first), str(last)]}) for p, (first, last) in ranges]),
+        ("ports", [p.index for p in ports]),
+        ("port_mac", [_concat(p.index, p.mac) for p in ports]),
+        ("port_ip", [_concat(p.index, {"range": [str(first), str(last)]}) for p, (first, last) in ranges]),
         ("owned", [str(ip) for ip in addresses]),
         ("owner", [_concat(mac, str(ip)) for mac, ip in owned]),
         # A map's element is deleted by its key.
-        ("forged", [[p.name, p.counter] if verb == "add" else p.name for p in ports]),
+        ("forged", [[p.index, p.counter] if verb == "add" else p.index for p in ports]),
     ]
     return [{verb: {"element": {**_obj(name), "elem": elements}}} for name, elements in contents if elements]
 
 
 def _rules() -> list[dict[str, Any]]:
-    iif = _meta("iifname")
+    iif = _meta("iif")
     count_drop = [{"counter": {"map": {"key": iif, "data": "@forged"}}}, {"drop": None}]
     arp_ip, arp_mac = _payload("arp", "saddr ip"), _payload("arp", "saddr ether")
     ip_saddr, ether_saddr = _payload("ip", "saddr"), _payload("ether", "saddr")
     zero = "0.0.0.0"
     return [
-        _rule(_match(iif, OUR_PORTS, "!="), {"accept": None}, comment="not a guest port"),
+        _rule(_match(_meta("iifname"), OUR_PORTS, "!="), {"accept": None}, comment="not a guest port"),
         _rule(_match(iif, "@ports", "!="), {"counter": None}, {"drop": None}, comment="a port being attached"),
-        _rule(_match(_concat(iif, ether_saddr), "@port_mac", "!="), *count_drop, comment="source MAC not assigned to the port"),
-        _rule(_match(_concat(iif, arp_mac), "@port_mac", "!="), *count_drop, comment="ARP: sender MAC not assigned to the port"),
+        _rule(_match(_concat(iif, ether_saddr), "@port_mac", "!="), *count_drop,
+              comment="source MAC not assigned to the port"),
+        _rule(_match(_concat(iif, arp_mac), "@port_mac", "!="), *count_drop,
+              comment="ARP: sender MAC not assigned to the port"),
         _rule(_match(arp_ip, zero, "!="), _match(_concat(iif, arp_ip), "@port_ip", "!="), *count_drop,
               comment="ARP: sender address outside the network"),
         _rule(_match(arp_ip, "@owned"), _match(_concat(arp_mac, arp_ip), "@owner", "!="), *count_drop,
               comment="ARP: sender address owned by another MAC"),
         _rule(_match(ip_saddr, zero), _match(_payload("udp", "sport"), 68), _match(_payload("udp", "dport"), 67),
               {"accept": None}, comment="DHCP from a guest without an address"),
-        _rule(_match(_concat(iif, ip_saddr), "@port_ip", "!="), *count_drop, comment="IPv4: source outside the network"),
+        _rule(_match(_concat(iif, ip_saddr), "@port_ip", "!="), *count_drop,
+              comment="IPv4: source outside the network"),
         _rule(_match(ip_saddr, "@owned"), _match(_concat(ether_saddr, ip_saddr), "@owner", "!="), *count_drop,
               comment="IPv4: source owned by another MAC"),
     ]  # fmt: skip
@@ -221,11 +233,13 @@ def _rules() -> list[dict[str, Any]]:
 
 def _check(ports: Sequence[GuardPort], owned: Sequence[tuple[str, Any]], stale: Sequence[str]) -> None:
     problems = []
-    seen: set[str] = set()
+    seen: set[object] = set()
     for p in ports:
-        if not (valid_ifname(p.name) and p.name.startswith(names.PREFIX)) or p.name in seen:
+        if not (valid_ifname(p.name) and p.name.startswith(names.PREFIX)):
             problems.append(f"port {p.name!r}")
-        seen.add(p.name)
+        if not (type(p.index) is int and 0 < p.index < 2**31) or p.index in seen:
+            problems.append(f"ifindex {p.index!r} of {p.name!r}")
+        seen.add(p.index)
         if not (isinstance(p.mac, str) and _MAC.fullmatch(p.mac)):
             problems.append(f"MAC {p.mac!r}")
         if not isinstance(p.subnet, ipaddress.IPv4Network):
@@ -316,34 +330,37 @@ class Guard:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._ports: dict[str, GuardPort] = {}
+        self._ports: dict[int, GuardPort] = {}  # by ifindex
         self._owned: dict[str, Owned] = {}  # network name -> owned addresses
         self._serials = itertools.count()
         # What the kernel has: after a batch went in, its ports and owned
         # addresses (the next batch is the changes since); None before the
         # first and after a failure (the next is the whole state).
-        self._applied: tuple[dict[str, GuardPort], Owned] | None = None
+        self._applied: tuple[dict[int, GuardPort], Owned] | None = None
         self._maybe_counters: set[str] = set()  # counters the kernel may have
         self._next: asyncio.Future[None] | None = None  # waiters for the next batch
         self._task: asyncio.Task[None] | None = None
         self._counts: dict[str, tuple[int, int]] = {}  # counter name -> (packets, bytes)
         self._counted_at = 0.0
         self._counting: asyncio.Task[None] | None = None
+        self._later: asyncio.TimerHandle | None = None  # deletions due
+        self._deleting = False  # the next batch deletes too
         self._closed = False
 
-    def port(self, name: str, mac: str, subnet: ipaddress.IPv4Network) -> GuardPort:
-        return GuardPort(name, mac, subnet, counter_name(name, next(self._serials)))
+    def port(self, name: str, index: int, mac: str, subnet: ipaddress.IPv4Network) -> GuardPort:
+        return GuardPort(name, index, mac, subnet, counter_name(name, next(self._serials)))
 
     def add(self, port: GuardPort) -> asyncio.Future[None]:
         """Guard ``port`` from now on; done once the kernel does (an exception if it cannot)."""
-        self._ports[port.name] = port
+        self._ports[port.index] = port
         return self._sync()
 
     def remove(self, port: GuardPort) -> None:
-        """Forget ``port`` (its TAP is gone), unless its name is another attachment's by now."""
-        if self._ports.get(port.name) is port:
-            del self._ports[port.name]
-            self._sync()
+        """Forget ``port`` (its TAP is gone).  Not urgent: no frame comes from
+        a port that is gone, so its deletion waits for the next one due."""
+        if self._ports.get(port.index) is port:
+            del self._ports[port.index]
+            self._delete_soon()
 
     def set_owned(self, network: str, owned: Owned) -> None:
         """The addresses leases and reservations give on ``network`` (empty: the network is gone)."""
@@ -362,16 +379,30 @@ class Guard:
         return {"packets": packets, "bytes": octets}
 
     async def settled(self) -> None:
-        """Until every change so far is in the kernel (or failed)."""
+        """Until every change so far is in the kernel (or failed), deletions too."""
+        if self._later is not None:
+            self._later.cancel()
+            self._delete_now()
         while self._task is not None:
             await asyncio.wait([self._task])
 
     def close(self) -> None:
         """No more batches (shutdown: the backend deletes the table next)."""
         self._closed = True
+        if self._later is not None:
+            self._later.cancel()
         for task in (self._task, self._counting):
             if task is not None:
                 task.cancel()
+
+    def _delete_soon(self) -> None:
+        if self._later is None and not self._closed:
+            self._later = self._loop.call_later(REMOVE_DELAY, self._delete_now)
+
+    def _delete_now(self) -> None:
+        self._later = None
+        self._deleting = True
+        self._sync()
 
     def _sync(self) -> asyncio.Future[None]:
         if self._closed:  # a removal reported after shutdown must not make the table again
@@ -404,13 +435,20 @@ class Guard:
     async def _apply(self) -> None:
         ports = dict(self._ports)
         owned: Owned = frozenset(pair for pairs in self._owned.values() for pair in pairs)
+        target = (ports, owned)
         if self._applied is None:
             batch = ruleset(list(ports.values()), owned, self._maybe_counters)
         else:
-            batch = changes(*self._applied, ports, owned)
-            if batch is None:
-                return
-        self._maybe_counters |= {p.counter for p in ports.values()}
+            if not self._deleting:  # additions only; deletions when due (_delete_soon)
+                old_ports, old_owned = self._applied
+                target = ({**old_ports, **ports}, old_owned | owned)
+            batch = changes(*self._applied, *target)
+        self._deleting = False
+        if target != (ports, owned):
+            self._delete_soon()
+        if batch is None:
+            return
+        self._maybe_counters |= {p.counter for p in target[0].values()}
         try:
             proc = await programs.run([programs.which("nft"), "-j", "-f", "-"], json.dumps(batch),
                                       timeout=programs.NFT_TIMEOUT)  # fmt: skip
@@ -421,8 +459,8 @@ class Guard:
             # table: the next batch says everything.
             self._applied = None
             raise
-        self._applied = (ports, owned)
-        self._maybe_counters = {p.counter for p in ports.values()}
+        self._applied = target
+        self._maybe_counters = {p.counter for p in target[0].values()}
 
     async def _read_counters(self) -> None:
         try:

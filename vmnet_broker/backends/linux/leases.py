@@ -45,7 +45,11 @@ class LeaseFiles:
     """
 
     def __init__(
-        self, directory: str, loop: asyncio.AbstractEventLoop, changed: Callable[[str | None], None], suffix: str = ".leases"
+        self,
+        directory: str,
+        loop: asyncio.AbstractEventLoop,
+        changed: Callable[[str | None], None],
+        suffix: str = ".leases",
     ) -> None:
         self._loop = loop
         self._changed = changed

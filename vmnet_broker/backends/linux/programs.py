@@ -62,7 +62,8 @@ async def run(argv: Sequence[str], stdin: str | None = None, *, timeout: float) 
             raise ProgramTimeout(argv, timeout) from None
         raise
     assert proc.returncode is not None
-    return subprocess.CompletedProcess(list(argv), proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
+    stdout, stderr = out.decode(errors="replace"), err.decode(errors="replace")
+    return subprocess.CompletedProcess(list(argv), proc.returncode, stdout, stderr)
 
 
 async def _kill(proc: asyncio.subprocess.Process) -> None:
