@@ -245,6 +245,6 @@ def test_a_value_outside_its_set_never_reaches_nft(change):
 
 def test_every_string_of_a_batch_is_plain():
     batch = firewall.ruleset([SHARED, HOST, UPLINK])
-    firewall._check_strings(batch)
+    firewall.check_batch_strings(batch)
     with pytest.raises(ValueError, match="refusing the string"):
-        firewall._check_strings({"nftables": [{"add": {"rule": {"comment": "x\ny"}}}]})
+        firewall.check_batch_strings({"nftables": [{"add": {"rule": {"comment": "x\ny"}}}]})

@@ -26,9 +26,9 @@ from .conftest import assert_golden
 SHARED = IPv4Network("192.168.105.0/24")
 LAB = IPv4Network("10.77.0.0/16")
 PORTS = [
-    GuardPort("vmb-t0", "52:54:00:00:00:0a", SHARED, "forged-vmb-t0-0"),
-    GuardPort("vmb-d0", "52:54:00:00:00:0b", SHARED, "forged-vmb-d0-1"),
-    GuardPort("vmb-p0", "52:54:00:77:00:10", LAB, "forged-vmb-p0-2"),
+    GuardPort("vmb-t0", 21, "52:54:00:00:00:0a", SHARED, "forged-vmb-t0-0"),
+    GuardPort("vmb-d0", 22, "52:54:00:00:00:0b", SHARED, "forged-vmb-d0-1"),
+    GuardPort("vmb-p0", 23, "52:54:00:77:00:10", LAB, "forged-vmb-p0-2"),
 ]
 OWNED = [("52:54:00:00:00:0a", IPv4Address("192.168.105.55")), ("52:54:00:77:00:10", IPv4Address("10.77.0.10"))]
 
@@ -72,14 +72,15 @@ def test_the_table_is_refilled_never_deleted_so_counters_keep_counting():
 
 def test_each_port_has_its_mac_its_networks_sources_and_a_counter():
     batch = guard.ruleset(PORTS, OWNED)
-    assert elements(batch, "ports") == ["vmb-d0", "vmb-p0", "vmb-t0"]
-    assert {"concat": ["vmb-t0", "52:54:00:00:00:0a"]} in elements(batch, "port_mac")
+    # By ifindex: a TAP's name is the next TAP's as soon as it is gone.
+    assert sorted(elements(batch, "ports")) == [21, 22, 23]
+    assert {"concat": [21, "52:54:00:00:00:0a"]} in elements(batch, "port_mac")
     # After the gateway (.1), before broadcast.
-    assert {"concat": ["vmb-t0", {"range": ["192.168.105.2", "192.168.105.254"]}]} in elements(batch, "port_ip")
-    assert {"concat": ["vmb-p0", {"range": ["10.77.0.2", "10.77.255.254"]}]} in elements(batch, "port_ip")
+    assert {"concat": [21, {"range": ["192.168.105.2", "192.168.105.254"]}]} in elements(batch, "port_ip")
+    assert {"concat": [23, {"range": ["10.77.0.2", "10.77.255.254"]}]} in elements(batch, "port_ip")
     assert elements(batch, "owned") == ["10.77.0.10", "192.168.105.55"]
     assert {"concat": ["52:54:00:00:00:0a", "192.168.105.55"]} in elements(batch, "owner")
-    assert ["vmb-t0", "forged-vmb-t0-0"] in elements(batch, "forged")
+    assert [21, "forged-vmb-t0-0"] in elements(batch, "forged")
     counters = [c["add"]["counter"]["name"] for c in commands(batch) if "counter" in c.get("add", {})]
     assert counters == ["forged-vmb-d0-1", "forged-vmb-p0-2", "forged-vmb-t0-0"]
 
@@ -93,26 +94,27 @@ def test_counters_of_attachments_gone_are_deleted_after_the_map_stops_naming_the
 
 
 def test_changes_are_only_what_changed():
-    many = {f"vmb-t{i}": GuardPort(f"vmb-t{i}", f"52:54:00:00:{i // 256:02x}:{i % 256:02x}", SHARED,
-                                   f"forged-vmb-t{i}-{i}") for i in range(1000)}  # fmt: skip
+    many = {100 + i: GuardPort(f"vmb-t{i}", 100 + i, f"52:54:00:00:{i // 256:02x}:{i % 256:02x}", SHARED,
+                               f"forged-vmb-t{i}-{i}") for i in range(1000)}  # fmt: skip
     owned = frozenset(OWNED)
     assert guard.changes(many, owned, dict(many), owned) is None
-    one_more = {**many, "vmb-d0": PORTS[1]}
+    one_more = {**many, 22: PORTS[1]}
     batch = guard.changes(many, owned, one_more, owned)
     assert len(json.dumps(batch)) < 2000
     assert [next(iter(c)) for c in commands(batch)][1:] == ["add"] * 5  # counter, ports, port_mac, port_ip, forged
     # A port gone, its name taken by another attachment, and a lease moving to another MAC.
-    reused = GuardPort("vmb-t0", "52:54:00:00:00:99", SHARED, "forged-vmb-t0-1000")
+    reused = GuardPort("vmb-t0", 5000, "52:54:00:00:00:99", SHARED, "forged-vmb-t0-1000")
     moved = frozenset({("52:54:00:00:00:99", IPv4Address("192.168.105.55")), OWNED[1]})
-    batch = commands(guard.changes(one_more, owned, {**many, "vmb-t0": reused}, moved))
+    rest = {index: port for index, port in many.items() if index != 100}
+    batch = commands(guard.changes(one_more, owned, {**rest, 5000: reused}, moved))
     deletes = [c["delete"] for c in batch if "delete" in c]
     adds = [c["add"] for c in batch if "add" in c]
     assert batch.index({"delete": {"counter": guard._obj("forged-vmb-t0-0")}}) > batch.index(
-        {"delete": {"element": {**guard._obj("forged"), "elem": ["vmb-d0", "vmb-t0"]}}})
+        {"delete": {"element": {**guard._obj("forged"), "elem": [22, 100]}}})
     lost = {"element": {**guard._obj("owner"), "elem": [{"concat": ["52:54:00:00:00:0a", "192.168.105.55"]}]}}
     assert lost in deletes
     assert not any(d.get("element", {}).get("name") == "owned" for d in deletes)  # still someone's
-    assert {"element": {**guard._obj("port_mac"), "elem": [{"concat": ["vmb-t0", "52:54:00:00:00:99"]}]}} in adds
+    assert {"element": {**guard._obj("port_mac"), "elem": [{"concat": [5000, "52:54:00:00:00:99"]}]}} in adds
     assert {"counter": guard._obj("forged-vmb-t0-1000")} in adds
 
 
@@ -134,7 +136,7 @@ def test_rules_in_order_only_our_ports_unknown_ports_mac_then_addresses():
     # Every drop but the unknown port's is counted in the port's own counter.
     for rule in found[2:]:
         if {"drop": None} in rule["expr"]:
-            assert {"counter": {"map": {"key": {"meta": {"key": "iifname"}}, "data": "@forged"}}} in rule["expr"]
+            assert {"counter": {"map": {"key": {"meta": {"key": "iif"}}, "data": "@forged"}}} in rule["expr"]
     chain = next(c["add"]["chain"] for c in commands(guard.ruleset(PORTS, OWNED)) if "chain" in c.get("add", {}))
     assert (chain["hook"], chain["prio"], chain["policy"]) == ("prerouting", -200, "accept")
 
@@ -147,13 +149,15 @@ def test_no_ports_still_makes_the_table_and_its_rules():
 @pytest.mark.parametrize(
     "port",
     [
-        GuardPort("eth0", "52:54:00:00:00:0a", SHARED, "forged-eth0-0"),  # not ours
-        GuardPort("vmb-t0\n", "52:54:00:00:00:0a", SHARED, "forged-vmb-t0-0"),
-        GuardPort("vmb-t*", "52:54:00:00:00:0a", SHARED, "forged-vmb-t0-0"),
-        GuardPort("vmb-t0", "52:54:00:00:00:0A", SHARED, "forged-vmb-t0-0"),
-        GuardPort("vmb-t0", "52:54:00:00:00:0a\n", SHARED, "forged-vmb-t0-0"),
-        GuardPort("vmb-t0", "52:54:00:00:00:0a", "192.168.105.0/24", "forged-vmb-t0-0"),
-        GuardPort("vmb-t0", "52:54:00:00:00:0a", SHARED, "forged; flush ruleset"),
+        GuardPort("eth0", 21, "52:54:00:00:00:0a", SHARED, "forged-eth0-0"),  # not ours
+        GuardPort("vmb-t0\n", 21, "52:54:00:00:00:0a", SHARED, "forged-vmb-t0-0"),
+        GuardPort("vmb-t*", 21, "52:54:00:00:00:0a", SHARED, "forged-vmb-t0-0"),
+        GuardPort("vmb-t0", 21, "52:54:00:00:00:0A", SHARED, "forged-vmb-t0-0"),
+        GuardPort("vmb-t0", 21, "52:54:00:00:00:0a\n", SHARED, "forged-vmb-t0-0"),
+        GuardPort("vmb-t0", 21, "52:54:00:00:00:0a", "192.168.105.0/24", "forged-vmb-t0-0"),
+        GuardPort("vmb-t0", 21, "52:54:00:00:00:0a", SHARED, "forged; flush ruleset"),
+        GuardPort("vmb-t0", "21", "52:54:00:00:00:0a", SHARED, "forged-vmb-t0-0"),
+        GuardPort("vmb-t0", 0, "52:54:00:00:00:0a", SHARED, "forged-vmb-t0-0"),
     ],
     ids=repr,
 )
@@ -166,7 +170,7 @@ def test_owned_addresses_are_checked_too():
     with pytest.raises(ValueError, match="refusing"):
         guard.ruleset(PORTS, [("52:54:00:00:00:0a", "192.168.105.55")])
     with pytest.raises(ValueError, match="refusing"):
-        guard.ruleset([PORTS[0], PORTS[0]], [])  # one port twice
+        guard.ruleset([PORTS[0], PORTS[0]], [])  # one port (ifindex) twice
 
 
 def test_leases_are_read_strictly():
@@ -219,9 +223,9 @@ def test_a_burst_of_ports_is_one_or_two_batches_and_each_add_is_done_once_its_ba
     async def main():
         g = guard.Guard(asyncio.get_running_loop())
         (fake_nft / "delay").write_text("0.2")
-        first = g.add(g.port("vmb-t0", "52:54:00:00:00:0a", SHARED))
+        first = g.add(g.port("vmb-t0", 20, "52:54:00:00:00:0a", SHARED))
         await asyncio.sleep(0.05)  # the first batch is running
-        rest = [g.add(g.port(f"vmb-t{i}", f"52:54:00:00:00:1{i}", SHARED)) for i in range(1, 6)]
+        rest = [g.add(g.port(f"vmb-t{i}", 20 + i, f"52:54:00:00:00:1{i}", SHARED)) for i in range(1, 6)]
         assert not first.done()
         await asyncio.wait_for(asyncio.gather(first, *rest), 5)
         return g
@@ -229,7 +233,7 @@ def test_a_burst_of_ports_is_one_or_two_batches_and_each_add_is_done_once_its_ba
     asyncio.run(main())
     sent = batches(fake_nft)
     assert len(sent) == 2  # the five that came while the first ran went together
-    assert elements(sent[0], "ports") == ["vmb-t0"] and len(elements(sent[1], "ports")) == 5
+    assert elements(sent[0], "ports") == [20] and len(elements(sent[1], "ports")) == 5
     assert not any("flush" in c for c in commands(sent[1]))  # only what changed
 
 
@@ -238,7 +242,7 @@ def test_a_failed_batch_fails_its_waiters_and_the_next_change_tries_again(fake_n
         g = guard.Guard(asyncio.get_running_loop())
         (fake_nft / "rc").write_text("1")
         (fake_nft / "stderr").write_text("Error: Could not process rule: No such file or directory\n")
-        port = g.port("vmb-t0", "52:54:00:00:00:0a", SHARED)
+        port = g.port("vmb-t0", 20, "52:54:00:00:00:0a", SHARED)
         with pytest.raises(FirewallError, match="No such file"):
             await asyncio.wait_for(g.add(port), 5)
         (fake_nft / "rc").unlink()
@@ -256,7 +260,7 @@ def test_a_failed_batch_fails_its_waiters_and_the_next_change_tries_again(fake_n
 def test_a_removed_ports_counter_is_deleted_and_counters_are_read_back(fake_nft):
     async def main():
         g = guard.Guard(asyncio.get_running_loop())
-        port = g.port("vmb-t0", "52:54:00:00:00:0a", SHARED)
+        port = g.port("vmb-t0", 20, "52:54:00:00:00:0a", SHARED)
         await asyncio.wait_for(g.add(port), 5)
         listing = {"nftables": [{"metainfo": {}}, {"counter": {"family": "bridge", "name": port.counter,
                                                                "table": "vmnet_broker", "packets": 7, "bytes": 420}}]}
@@ -276,18 +280,25 @@ def test_a_removed_ports_counter_is_deleted_and_counters_are_read_back(fake_nft)
     assert "-j list counters table bridge vmnet_broker" in (fake_nft / "argv").read_text()
 
 
-def test_a_name_reused_by_another_attachment_is_not_removed_by_the_old_ones_removal(fake_nft):
+def test_an_attach_does_not_wait_for_a_detachs_deletions_which_follow_on_their_own(fake_nft):
     async def main():
         g = guard.Guard(asyncio.get_running_loop())
-        old = g.port("vmb-t0", "52:54:00:00:00:0a", SHARED)
+        old = g.port("vmb-t0", 20, "52:54:00:00:00:0a", SHARED)
         await g.add(old)
-        new = g.port("vmb-t0", "52:54:00:00:00:0b", SHARED)
-        await g.add(new)
-        g.remove(old)  # its TAP went after the new one took the name
-        await g.settled()
+        g.remove(old)  # its TAP is gone; the next TAP takes its name, not its ifindex
+        await g.add(g.port("vmb-t0", 27, "52:54:00:00:00:0b", SHARED))
+        deadline = time.monotonic() + 5
+        while len(batches(fake_nft)) < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(guard.REMOVE_DELAY)
 
     asyncio.run(main())
-    assert elements(batches(fake_nft)[-1], "port_mac") == [{"concat": ["vmb-t0", "52:54:00:00:00:0b"]}]
+    first, attach, later = batches(fake_nft)
+    # Deleting costs the kernel an RCU grace period: the attach's batch only adds...
+    assert elements(attach, "ports") == [27] and not any("delete" in c for c in commands(attach))
+    # ... and the old port's elements and counter go in a batch of their own.
+    deleted = [c["delete"] for c in commands(later) if "delete" in c]
+    assert {"element": {**guard._obj("ports"), "elem": [20]}} in deleted
+    assert {"counter": guard._obj("forged-vmb-t0-0")} in deleted and not any("add" in c for c in commands(later))
 
 
 # -- link-local learning off, through sysfs ------------------------------------------------

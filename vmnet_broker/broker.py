@@ -3,7 +3,7 @@
 All of it runs on one asyncio loop, like upstream's single dispatch queue, so
 the registry needs no locks: a request is handled to completion before the
 next one starts, and replies leave in request order.  The transport
-(``server.py``) reaches this module through three hooks: ``connect``,
+(``transports/``) reaches this module through three hooks: ``connect``,
 ``request`` and ``disconnect``.  The registry is private; only those hooks,
 ``status`` and ``shutdown`` are public.
 

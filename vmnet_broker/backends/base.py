@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Any, Protocol
 
 from ..config import NetworkConfig
@@ -31,6 +32,11 @@ class InterfaceHandle(Protocol):
     def handed_over(self) -> None:
         """The reply holds its duplicates of ``fds()``: drop what we need no more."""
 
+    # Optional: ``ready``, an asyncio future done once the interface may be
+    # used (Linux: the bridge filter guards its port); the attach reply waits
+    # for it, and if it fails the interface is destroyed and the reply is
+    # code 6.  ``forged()`` and ``buffers()``: extra status (broker.py).
+
 
 class Backend(Protocol):
     # The attach kinds this platform hands out (("tap", "dgram") on Linux;
@@ -40,11 +46,16 @@ class Backend(Protocol):
     def cleanup_leftovers(self) -> None:
         """Remove what an earlier, crashed broker left behind."""
 
-    def create_network(self, config: NetworkConfig) -> NetworkHandle:
-        """Create the network; raises ``CreateError`` (or OSError) on failure."""
+    def create_network(self, config: NetworkConfig) -> NetworkHandle | Awaitable[NetworkHandle]:
+        """Create the network; raises ``CreateError`` (or OSError) on failure.
 
-    def destroy_network(self, network: NetworkHandle) -> None:
-        """Remove the network; tolerates pieces that are already gone."""
+        May return an awaitable instead (Linux: it runs ``nft`` and dnsmasq,
+        which the loop must not wait for); the broker serves other clients
+        meanwhile (see broker.py).
+        """
+
+    def destroy_network(self, network: NetworkHandle) -> None | Awaitable[None]:
+        """Remove the network; tolerates pieces that are already gone (may return an awaitable too)."""
 
     def create_interface(self, network: NetworkHandle, request: Attach) -> InterfaceHandle: ...
 

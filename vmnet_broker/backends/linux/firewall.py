@@ -132,7 +132,7 @@ def ruleset(networks: Sequence[FirewallNetwork]) -> dict[str, Any]:
     commands += _forward_rules(networks)
     commands += _nat_rules(networks)
     batch = {"nftables": commands}
-    _check_strings(batch)
+    check_batch_strings(batch)
     return batch
 
 
@@ -161,18 +161,18 @@ def _check_values(net: FirewallNetwork) -> None:
         raise ValueError(f"nftables rules for {net.name!r}: refusing {'; '.join(problems)}")
 
 
-def _check_strings(value: Any) -> None:
-    """Every string anywhere in the batch, whole, against _BATCH_STRING."""
+def check_batch_strings(value: Any, allowed: re.Pattern[str] = _BATCH_STRING, what: str = "nftables batch") -> None:
+    """Every string anywhere in a batch (keys included), whole, against ``allowed``."""
     if isinstance(value, str):
-        if not _BATCH_STRING.fullmatch(value):
-            raise ValueError(f"nftables batch: refusing the string {value!r}")
+        if not allowed.fullmatch(value):
+            raise ValueError(f"{what}: refusing the string {value!r}")
     elif isinstance(value, dict):
         for key, item in value.items():
-            _check_strings(key)
-            _check_strings(item)
+            check_batch_strings(key, allowed, what)
+            check_batch_strings(item, allowed, what)
     elif isinstance(value, list):
         for item in value:
-            _check_strings(item)
+            check_batch_strings(item, allowed, what)
 
 
 def _forward_rules(networks: Sequence[FirewallNetwork]) -> list[dict[str, Any]]:

@@ -63,7 +63,7 @@ from typing import Any, Iterable, Sequence
 
 from ...config import valid_ifname
 from . import names, programs
-from .firewall import FirewallError
+from .firewall import FirewallError, check_batch_strings
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def ruleset(ports: Sequence[GuardPort], owned: Iterable[tuple[str, ipaddress.IPv
         commands += [{"add": {"counter": _obj(name)}}, {"delete": {"counter": _obj(name)}}]
     commands += _rules()
     batch = {"nftables": commands}
-    _check_strings(batch)
+    check_batch_strings(batch, _BATCH_STRING, "nftables bridge batch")
     return batch
 
 
@@ -164,7 +164,7 @@ def changes(
     commands += [{"add": {"counter": _obj(p.counter)}} for p in added]
     commands += _elements("add", added, new, keep_addresses={ip for _, ip in old_owned - lost})
     batch = {"nftables": commands}
-    _check_strings(batch)
+    check_batch_strings(batch, _BATCH_STRING, "nftables bridge batch")
     return batch
 
 
@@ -252,19 +252,6 @@ def _check(ports: Sequence[GuardPort], owned: Sequence[tuple[str, Any]], stale: 
             problems.append(f"counter {name!r}")
     if problems:
         raise ValueError(f"nftables bridge rules: refusing {'; '.join(problems)}")
-
-
-def _check_strings(value: Any) -> None:
-    if isinstance(value, str):
-        if not _BATCH_STRING.fullmatch(value):
-            raise ValueError(f"nftables bridge batch: refusing the string {value!r}")
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _check_strings(key)
-            _check_strings(item)
-    elif isinstance(value, list):
-        for item in value:
-            _check_strings(item)
 
 
 def _obj(name: str) -> dict[str, Any]:
