@@ -46,6 +46,47 @@ def require_network() -> None:
         pytest.skip(missing)
 
 
+def require_root() -> None:
+    """Tests that chown or open root's paths; same CI rule as the others."""
+    if os.geteuid() != 0:
+        if CI:
+            pytest.fail("needs root under CI", pytrace=False)
+        pytest.skip("needs root")
+
+
+def free_id(first: int = 61000, count: int = 1000) -> int:
+    """A uid and gid no account or group has (a test's throwaway user)."""
+    import grp
+    import pwd
+
+    for candidate in range(first, first + count):
+        try:
+            pwd.getpwuid(candidate)
+            continue
+        except KeyError:
+            pass
+        try:
+            grp.getgrgid(candidate)
+            continue
+        except KeyError:
+            return candidate
+    raise RuntimeError(f"no free uid in {first}-{first + count - 1}")
+
+
+# A uid and gid that own nothing of ours: "someone else" in file-safety tests.
+NOBODY = 65534
+
+
+@pytest.fixture
+def precious_file(tmp_path):
+    """A file outside the directory under attack, with content that must survive."""
+    path = tmp_path / "outside" / "precious"
+    path.parent.mkdir()
+    path.write_text("precious\n")
+    path.chmod(0o600)
+    return path
+
+
 def require_tools(*tools: str) -> None:
     """require_network() plus these programs on PATH (same CI rule)."""
     require_network()

@@ -13,29 +13,16 @@ import pytest
 from vmnet_broker import daemon
 from vmnet_broker.daemon import NamespaceLock, Options
 
-from .conftest import CI
-
-NOBODY = 65534
-
-
-def need_root():
-    if os.geteuid() != 0:
-        if CI:
-            pytest.fail("needs root under CI", pytrace=False)
-        pytest.skip("needs root")
-
+from .conftest import NOBODY, require_root
 
 @pytest.fixture
-def target(tmp_path):
-    path = tmp_path / "outside" / "precious"
-    path.parent.mkdir()
-    path.write_text("precious\n")
-    return path
+def target(precious_file):
+    return precious_file
 
 
 def test_the_socket_group_is_never_given_to_a_symlink_target(tmp_path, target, monkeypatch):
     """A socket-group member who swapped the new socket for a symlink got root to chown its target."""
-    need_root()
+    require_root()
     socket_path = tmp_path / "run" / "broker.sock"
     socket_path.parent.mkdir()
 
@@ -52,7 +39,7 @@ def test_the_socket_group_is_never_given_to_a_symlink_target(tmp_path, target, m
 
 
 def test_a_socket_directory_others_can_write_is_fixed_and_logged(tmp_path, caplog):
-    need_root()
+    require_root()
     run = tmp_path / "run"
     run.mkdir()
     os.chown(run, NOBODY, NOBODY)
@@ -67,7 +54,7 @@ def test_a_socket_directory_others_can_write_is_fixed_and_logged(tmp_path, caplo
 
 
 def test_an_unsafe_directory_above_the_socket_stops_the_broker(tmp_path, caplog):
-    need_root()
+    require_root()
     home = tmp_path / "home"
     home.mkdir()
     os.chown(home, NOBODY, NOBODY)  # a user's directory: they could rename run/ and put their own
@@ -84,7 +71,7 @@ def test_the_socket_path_goes_through_no_symlink(tmp_path):
 
 
 def test_the_namespace_lock_never_writes_through_a_symlink(tmp_path, target):
-    need_root()
+    require_root()
     inode = os.stat("/proc/self/ns/net").st_ino
     (tmp_path / f"netns-{inode}.lock").symlink_to(target)
     with pytest.raises(OSError):

@@ -225,7 +225,7 @@ def test_early_exit_raises_with_dnsmasq_own_words(fake_dnsmasq, state):
 
 def test_missing_binary_is_a_dnsmasq_error(state, monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
-    monkeypatch.setattr(dnsmasq.shutil, "which", lambda name: "/nonexistent/dnsmasq")
+    monkeypatch.setattr(dnsmasq.programs, "which", lambda name: "/nonexistent/dnsmasq")
     with pytest.raises(DnsmasqError, match="cannot run"):
         Dnsmasq(SHARED, state).start()
 

@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import array
 import concurrent.futures
-import grp
 import json
 import os
-import pwd
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import textwrap
 import time
@@ -28,7 +25,7 @@ import pytest
 from vmnet_broker import Client, InternalError
 from vmnet_broker.errors import Code
 
-from .conftest import broker_links, require_tools, wait_for
+from .conftest import broker_links, free_id, require_tools, wait_for
 from .wire import WireClient
 
 # Connects COUNT times as whoever runs it, and sends the sockets back on BACK.
@@ -45,21 +42,6 @@ CONNECT = textwrap.dedent(
     back.sendmsg([b"ok"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [s.fileno() for s in conns]))])
     """
 )
-
-
-def free_id() -> int:
-    for candidate in range(62000, 63000):
-        try:
-            pwd.getpwuid(candidate)
-            continue
-        except KeyError:
-            pass
-        try:
-            grp.getgrgid(candidate)
-            continue
-        except KeyError:
-            return candidate
-    raise RuntimeError("no free uid in 62000-62999")
 
 
 class Peer:
@@ -119,7 +101,7 @@ def test_one_user_with_16_connections_cannot_take_every_bridge_port(start_broker
     1,023 ports.  The user gets its share (256 by default) and code 7 with a
     message; everyone else can still attach."""
     require_tools("setpriv", "/usr/bin/python3")
-    uid = free_id()
+    uid = free_id(62000)
     broker = start_broker(workdir=reachable_workdir / "broker", extra_args=("--socket-group", str(uid)))
     peers = connect_as(uid, broker.socket_path, 16)
 

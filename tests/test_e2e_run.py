@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import argparse
 import errno
-import grp
 import json
 import os
-import pwd
 import shutil
 import signal
 import subprocess
@@ -28,7 +26,7 @@ from vmnet_broker.client import Interface
 from vmnet_broker.errors import Code
 from vmnet_broker.run import NicSpec, UsageError, build_argv, check, qemu_args
 
-from .conftest import broker_links, require_services, require_tools, wait_for
+from .conftest import broker_links, free_id, require_services, require_tools, wait_for
 from .wire import WireClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -376,22 +374,6 @@ OPEN_BY_NAME = textwrap.dedent(
 )
 
 
-def free_id() -> int:
-    """A uid and gid no account or group has (the test's throwaway user)."""
-    for candidate in range(61000, 62000):
-        try:
-            pwd.getpwuid(candidate)
-            continue
-        except KeyError:
-            pass
-        try:
-            grp.getgrgid(candidate)
-            continue
-        except KeyError:
-            return candidate
-    raise RuntimeError("no free uid in 61000-61999")
-
-
 @pytest.fixture
 def reachable_workdir():
     """A broker directory other users can reach (pytest's tmp_path is 0700)."""
@@ -422,7 +404,7 @@ def test_persist_tap_is_owned_by_the_requesting_uid_and_deleted_with_the_connect
     scripts, reachable_workdir, start_broker
 ):
     require_tools("setpriv", USER_PYTHON)
-    uid = free_id()
+    uid = free_id(61000)
     broker = start_broker(workdir=reachable_workdir / "broker", extra_args=("--socket-group", str(uid)))
     ns = broker.namespace
     env = user_env(scripts)

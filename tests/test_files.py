@@ -18,26 +18,11 @@ import pytest
 from vmnet_broker import files
 from vmnet_broker.files import RefusedFile, UnsafeDirectory
 
-from .conftest import CI
-
-NOBODY = 65534
-
-
-def need_root():
-    if os.geteuid() != 0:
-        if CI:
-            pytest.fail("needs root under CI", pytrace=False)
-        pytest.skip("needs root")
-
+from .conftest import NOBODY, require_root
 
 @pytest.fixture
-def target(tmp_path):
-    """A file outside the directory under attack, with content that must survive."""
-    path = tmp_path / "outside" / "precious"
-    path.parent.mkdir()
-    path.write_text("precious\n")
-    path.chmod(0o600)
-    return path
+def target(precious_file):
+    return precious_file
 
 
 def untouched(path: Path) -> bool:
@@ -63,7 +48,7 @@ def test_missing_directories_are_created_root_only_whatever_the_umask(tmp_path):
 
 
 def test_a_directory_others_can_write_is_fixed_and_the_fix_logged(tmp_path, caplog):
-    need_root()
+    require_root()
     state = tmp_path / "state"
     state.mkdir()
     os.chown(state, NOBODY, NOBODY)
@@ -78,7 +63,7 @@ def test_a_directory_others_can_write_is_fixed_and_the_fix_logged(tmp_path, capl
 
 @pytest.mark.parametrize("how", ["owner", "group-writable"])
 def test_a_directory_above_that_others_could_change_is_refused(tmp_path, how):
-    need_root()
+    require_root()
     above = tmp_path / "above"
     above.mkdir()
     if how == "owner":
@@ -109,7 +94,7 @@ def test_a_root_symlink_on_the_way_is_followed_and_the_real_path_returned(tmp_pa
 
 
 def test_a_symlink_someone_else_owns_is_refused(tmp_path):
-    need_root()
+    require_root()
     (tmp_path / "real").mkdir()
     link = tmp_path / "link"
     link.symlink_to("real")

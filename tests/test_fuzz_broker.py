@@ -33,7 +33,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule, run_state_machine_as_test
 
-from tests.conftest import require_services
+from tests.conftest import require_services, require_tools
 from vmnet_broker import Client, NotAllowed, NotFound
 from vmnet_broker.sandbox import BrokerProcess
 
@@ -89,9 +89,7 @@ def wait_until(predicate, timeout: float = 5.0):
 @pytest.fixture(scope="module")
 def bench():
     require_services()
-    for tool in ("useradd", "groupadd"):
-        if shutil.which(tool) is None:
-            pytest.fail(f"needs {tool}") if os.environ.get("CI") == "true" else pytest.skip(f"needs {tool}")
+    require_tools("useradd", "groupadd", "userdel", "groupdel")
     accounts = Accounts()
     # The user must reach the socket: a directory chain it can traverse.
     workdir = tempfile.mkdtemp(prefix="vmnet-broker-fuzz-")

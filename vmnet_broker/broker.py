@@ -264,6 +264,13 @@ class _Refused(Exception):
         self.message = message
 
 
+def _create_refused(config: NetworkConfig, error: CreateError | OSError) -> _Refused:
+    """Code 6 for a network the backend could not create, saying why."""
+    if isinstance(error, CreateError):
+        return _Refused(Code.CREATE_FAILURE, str(error))
+    return _Refused(Code.CREATE_FAILURE, f"cannot create network {config.name!r}: {error}")
+
+
 class Broker:
     def __init__(
         self,
@@ -579,10 +586,8 @@ class Broker:
         started = time.monotonic()
         try:
             made = self._backend.create_network(config)
-        except CreateError as e:
-            raise _Refused(Code.CREATE_FAILURE, str(e)) from e
-        except OSError as e:
-            raise _Refused(Code.CREATE_FAILURE, f"cannot create network {config.name!r}: {e}") from e
+        except (CreateError, OSError) as e:
+            raise _create_refused(config, e) from e
         if inspect.isawaitable(made):
             task = self._loop.create_task(self._create_later(config, made, started))
             task.add_done_callback(lambda task: task.cancelled() or task.exception())  # each waiter reports it
@@ -593,10 +598,8 @@ class Broker:
     async def _create_later(self, config: NetworkConfig, made: Awaitable[NetworkHandle], started: float) -> _Network:
         try:
             handle = await made
-        except CreateError as e:
-            raise _Refused(Code.CREATE_FAILURE, str(e)) from e
-        except OSError as e:
-            raise _Refused(Code.CREATE_FAILURE, f"cannot create network {config.name!r}: {e}") from e
+        except (CreateError, OSError) as e:
+            raise _create_refused(config, e) from e
         finally:
             del self._creating[config.name]
         # Its waiters take their references next (or, if their clients left,

@@ -255,7 +255,3 @@ def encode(body: dict[str, Any]) -> bytes:
 
 def encode_reply(body: dict[str, Any], request: Request | None = None) -> bytes:
     return encode(reply_body(body, request))
-
-
-def encode_error(code: int, message: str | None = None, request_id: Scalar = None, has_id: bool = False) -> bytes:
-    return encode(error_body(code, message, request_id, has_id))

@@ -140,7 +140,9 @@ std::vector<NetEvent> Monitor::drain(std::size_t max_events) {
   std::vector<NetEvent> events;
   std::vector<char> buf(kRecvBuffer);
   bool lost = false;
-  while (events.size() < max_events) {
+  // Bounded by reads as well as events: messages that make no event (other
+  // families, ENOBUFS) must not keep the caller's loop here either.
+  for (std::size_t reads = 0; reads < max_events && events.size() < max_events; ++reads) {
     sockaddr_nl from{};
     iovec iov{buf.data(), buf.size()};
     msghdr msg{};

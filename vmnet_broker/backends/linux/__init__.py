@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import json
 import logging
 import socket
 import subprocess
@@ -190,7 +189,8 @@ class LinuxBackend:
                 # bridge was deleted behind our back (watch.py).
                 in_use = frozenset(n.bridge for n in self._networks.values())
                 bridge, bridge_index = network.create_bridge(subnet, config.mtu, in_use)
-                undo.callback(network.delete_link_quietly, bridge_index)
+                # The kernel takes tens of ms to unregister it: off the loop, as in destroy_network.
+                undo.push_async_callback(asyncio.to_thread, network.delete_link_quietly, bridge_index)
                 if prefix is not None:
                     _native.add_address(bridge, str(prefix.network_address + 1), prefix.prefixlen)
             except OSError as e:
@@ -326,11 +326,7 @@ class LinuxBackend:
     async def _apply_firewall(self, nets: list[LinuxNetwork]) -> None:
         specs = [n.firewall_spec() for n in nets]
         try:
-            batch = firewall.ruleset(specs)
-            proc = await programs.run([programs.which("nft"), "-j", "-f", "-"], json.dumps(batch),
-                                      timeout=programs.NFT_TIMEOUT)  # fmt: skip
-            if proc.returncode != 0:
-                raise firewall.FirewallError(proc.returncode, proc.stderr, batch)
+            await programs.nft_batch(firewall.ruleset(specs))
         except (firewall.FirewallError, ValueError, OSError, subprocess.SubprocessError) as e:
             # ValueError: rules that cannot coexist (a host port forwarded
             # twice); TimeoutError (an OSError): nft hung and was killed.

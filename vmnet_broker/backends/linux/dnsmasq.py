@@ -25,7 +25,7 @@ import asyncio
 import ipaddress
 import os
 import re
-import shutil
+import logging
 import signal
 import subprocess
 import time
@@ -36,8 +36,11 @@ from typing import Callable
 from ... import files
 from ...config import DEFAULT_LEASE_TIME, DEFAULT_MTU, MAX_MTU, MIN_MTU, Reservation
 from ...config import valid_domain, valid_hostname, valid_ifname, valid_name
+from . import programs
 
 IP = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+log = logging.getLogger(__name__)
 
 PREFIX = "dnsmasq-"
 START_TIMEOUT = 5.0
@@ -282,7 +285,7 @@ class Dnsmasq:
         state_dir = self.paths["conf"].parent
         text = config_text(self.spec, state_dir)
         files.secure_directory(state_dir, "state")
-        binary = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
+        binary = programs.which("dnsmasq")
         with files.open_directory(state_dir) as dir_fd:
             files.write_atomically(dir_fd, self.paths["conf"].name, text.encode())
             files.unlink(dir_fd, self.paths["pid"].name)
@@ -338,8 +341,11 @@ class Dnsmasq:
                 await asyncio.sleep(READY_POLL)
             if proc.poll() is None:
                 proc.kill()
-                while proc.poll() is None:  # SIGKILL: reaped in a moment
+                deadline = time.monotonic() + STOP_TIMEOUT
+                while proc.poll() is None and time.monotonic() < deadline:  # SIGKILL: reaped in a moment
                     await asyncio.sleep(READY_POLL)
+                if proc.poll() is None:  # stuck in the kernel (D state): not ours to wait for
+                    log.error("dnsmasq pid %d survived SIGKILL for %g s; leaving it", proc.pid, STOP_TIMEOUT)
         self._cleanup_files()
 
     def alive(self) -> bool:

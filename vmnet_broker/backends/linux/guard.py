@@ -437,10 +437,7 @@ class Guard:
             return
         self._maybe_counters |= {p.counter for p in target[0].values()}
         try:
-            proc = await programs.run([programs.which("nft"), "-j", "-f", "-"], json.dumps(batch),
-                                      timeout=programs.NFT_TIMEOUT)  # fmt: skip
-            if proc.returncode != 0:
-                raise FirewallError(proc.returncode, proc.stderr, batch)
+            await programs.nft_batch(batch)
         except BaseException:
             # The kernel is as before, unless someone else changed our
             # table: the next batch says everything.

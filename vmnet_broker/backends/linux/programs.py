@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -72,3 +73,12 @@ async def _kill(proc: asyncio.subprocess.Process) -> None:
     # SIGKILL cannot be ignored; the wait only reaps it (bounded all the same).
     with contextlib.suppress(asyncio.TimeoutError, ProcessLookupError):
         await asyncio.wait_for(proc.wait(), 5)
+
+
+async def nft_batch(batch: dict) -> None:
+    """Apply one JSON batch with ``nft -j -f -``; ``FirewallError`` if nft refuses it."""
+    from .firewall import FirewallError
+
+    proc = await run([which("nft"), "-j", "-f", "-"], json.dumps(batch), timeout=NFT_TIMEOUT)
+    if proc.returncode != 0:
+        raise FirewallError(proc.returncode, proc.stderr, batch)
